@@ -1,0 +1,189 @@
+"""Segment 2D planes and N-D stacks with a model: the engine behind the CLI and widgets.
+
+Stacks (Z, T, channels, ...) are processed one 2D plane at a time, read lazily from numpy,
+dask or zarr arrays and written into ``out`` (which may be an on-disk zarr array), so memory
+stays bounded by a few planes whatever the stack size.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .device import autocast, resolve_precision, select_device, to_device
+from .model import UNet, check_channels
+from .normalize import check_finite, normalize
+from .postprocess import PostprocessConfig, labels_from_probs
+from .tiling import drain, sliding_window_iter
+
+
+@dataclass
+class InferenceConfig:
+    """Tiling, batching, device and precision for prediction."""
+
+    tile: int = 512
+    overlap: int = 64
+    margin: int = 16
+    batch_size: int = 2
+    blend: str = "cosine"
+    device: str = "auto"
+    precision: str = "auto"
+
+
+@dataclass
+class SegmentProgress:
+    """Planes done (fractional within the current plane) out of the total."""
+
+    plane: int
+    n_planes: int
+    tiles_done: int
+    tiles_total: int
+    elapsed: float
+
+    @property
+    def fraction(self) -> float:
+        return (self.plane + self.tiles_done / max(self.tiles_total, 1)) / max(self.n_planes, 1)
+
+
+class Predictor:
+    """A model on its device in the fastest safe layout/precision; maps planes to probabilities."""
+
+    def __init__(self, model: UNet, config: InferenceConfig | None = None) -> None:
+        self.config = config or InferenceConfig()
+        self.model_config = model.config
+        self.device = select_device(self.config.device)
+        self.amp = resolve_precision(self.device, self.config.precision)
+        # A private copy: the caller's model may keep training in another thread.
+        self.net = to_device(copy.deepcopy(model), self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) normalised tiles -> (B, K, h, w) class probabilities."""
+        batch = batch.to(self.device, memory_format=torch.channels_last)
+        with autocast(self.device, self.amp):
+            logits = self.net(batch)
+        return torch.softmax(logits.float(), dim=1)
+
+    def predict_iter(self, plane: np.ndarray) -> Generator[tuple[int, int], None, np.ndarray]:
+        """Normalise one (H, W) or (C, H, W) plane and predict it tile by tile."""
+        plane = np.asarray(plane)
+        if plane.ndim == 2:
+            plane = plane[None]
+        check_channels(self.model_config.in_channels, plane.shape[0])
+        c = self.config
+        norm = normalize(plane, self.model_config.norm_percentiles)
+        return (
+            yield from sliding_window_iter(
+                norm, self, tile=c.tile, overlap=c.overlap, margin=c.margin,
+                batch_size=c.batch_size, blend=c.blend, divisor=self.model_config.divisor,
+                device=self.device,
+            )
+        )
+
+    def predict(self, plane: np.ndarray) -> np.ndarray:
+        """(K, H, W) float32 class probabilities for one plane."""
+        return drain(self.predict_iter(plane))
+
+
+def plane_indices(shape: tuple[int, ...], channel_axis: int | None) -> Iterator[tuple]:
+    """Index tuples selecting each 2D (or channels x 2D) plane of an N-D array."""
+    lead = [i for i in range(len(shape) - 2) if i != channel_axis]
+    for idx in np.ndindex(*[shape[i] for i in lead]):
+        key: list[Any] = [slice(None)] * len(shape)
+        for axis, i in zip(lead, idx, strict=True):
+            key[axis] = i
+        yield tuple(key)
+
+
+def output_shape(shape: tuple[int, ...], channel_axis: int | None) -> tuple[int, ...]:
+    """Shape of the label image: the input shape without its channel axis."""
+    return tuple(n for i, n in enumerate(shape) if i != channel_axis)
+
+
+def check_image(shape: tuple[int, ...], channel_axis: int | None, name: str = "image") -> None:
+    """Raise a clear error for shapes that cannot be segmented plane by plane."""
+    spatial = len(shape) - (channel_axis is not None)
+    if spatial < 2:
+        raise ValueError(f"{name} has shape {shape}: at least two spatial axes (Y, X) are needed")
+    if channel_axis is not None:
+        if not -len(shape) <= channel_axis < len(shape):
+            raise ValueError(f"channel axis {channel_axis} is out of range for shape {shape}")
+        if channel_axis % len(shape) >= len(shape) - 2:
+            raise ValueError(
+                f"{name} shape {shape}: the channel axis must come before the last two (Y, X) "
+                "axes; move it (e.g. numpy.moveaxis) or pick another axis"
+            )
+
+
+def segment_image(
+    image: Any,
+    predictor: Predictor,
+    *,
+    channel_axis: int | None = None,
+    postprocess: PostprocessConfig | None = None,
+    out: Any | None = None,
+    probabilities_out: Any | None = None,
+    planes: list[tuple] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Generator[SegmentProgress, None, Any]:
+    """Segment every plane of an N-D image; yields progress, returns the label array.
+
+    ``image``: numpy, dask or zarr array whose last two axes are Y, X. ``out``: an array of
+    the output shape to write into (default: a new int32 numpy array). Instance ids are
+    offset plane by plane so they are unique across the stack. ``planes`` restricts the work
+    to some plane keys (e.g. the slice on screen). On cancel, planes done so far are kept.
+    """
+    shape = tuple(image.shape)
+    check_image(shape, channel_axis)
+    if channel_axis is not None:
+        channel_axis %= len(shape)
+    post = postprocess or PostprocessConfig()
+    if out is None:
+        out = np.zeros(output_shape(shape, channel_axis), np.int32)
+    keys = list(planes) if planes is not None else list(plane_indices(shape, channel_axis))
+    start, offset = time.perf_counter(), 0
+    for i, key in enumerate(keys):
+        if cancel is not None and cancel():
+            break
+        plane = np.asarray(image[key])
+        if channel_axis is not None:
+            plane = np.moveaxis(plane, channel_axis - sum(isinstance(k, int) for k in
+                                                          key[:channel_axis]), 0)
+        check_finite(plane, f"plane {i} of the image")
+        gen = predictor.predict_iter(plane)
+        while True:
+            try:
+                done, total = next(gen)
+            except StopIteration as stop:
+                probs = stop.value
+                break
+            yield SegmentProgress(i, len(keys), done, total, time.perf_counter() - start)
+            if cancel is not None and cancel():
+                gen.close()
+                return out
+        labels = labels_from_probs(probs, post)
+        out_key = tuple(k for j, k in enumerate(key) if j != channel_axis)
+        if post.mode == "instances" and labels.max() > 0:
+            labels = np.where(labels > 0, labels + offset, 0).astype(np.int32)
+            offset = int(labels.max())
+        out[out_key] = labels
+        if probabilities_out is not None:
+            probabilities_out[(slice(None),) + out_key] = probs
+    return out
+
+
+def segment(image: Any, model: UNet, **kwargs: Any) -> Any:
+    """Blocking convenience: segment ``image`` with ``model`` and return the labels.
+
+    Keyword arguments go to :class:`InferenceConfig` (tile, overlap, ...) or
+    :func:`segment_image` (channel_axis, postprocess, out, ...).
+    """
+    fields = InferenceConfig.__dataclass_fields__
+    config = InferenceConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+    return drain(segment_image(image, Predictor(model, config), **kwargs))

@@ -1,0 +1,88 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from napari_unet.model import (
+    ModelConfig,
+    ModelFileError,
+    UNet,
+    bundled_model_path,
+    check_channels,
+    load_model,
+    save_model,
+)
+
+
+def test_unet_shapes_and_parameters():
+    net = UNet(ModelConfig(depth=4, base_channels=16)).eval()
+    out = net(torch.zeros(2, 1, 64, 96))
+    assert out.shape == (2, 3, 64, 96)
+    n = sum(p.numel() for p in net.parameters())
+    assert 400_000 < n < 600_000
+    # Encoder: 3x3 conv pairs; decoder: 2x2 up-convolutions; head: 1x1 conv.
+    assert net.upconv[0].kernel_size == (2, 2) and net.head.kernel_size == (1, 1)
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    net = UNet(ModelConfig(depth=3, base_channels=4, provenance={"who": "test"})).eval()
+    path = save_model(net, tmp_path / "m.safetensors")
+    again = load_model(path)
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), again(x))
+    assert again.config.provenance == {"who": "test"}
+    assert again.config.depth == 3
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_model(net, path)
+    save_model(net, path, overwrite=True)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("open('PWNED_PATH', 'w').write('x')",))
+
+
+def test_loading_never_executes_code(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Evil()).replace(b"PWNED_PATH", str(marker).encode())
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(payload)
+    with pytest.raises(ModelFileError, match="not a napari-unet model"):
+        load_model(evil)
+    torch_file = tmp_path / "torch.pt"
+    torch.save({"x": torch.zeros(1)}, torch_file)
+    with pytest.raises(ModelFileError):
+        load_model(torch_file)
+    assert not marker.exists()
+
+
+def test_other_safetensors_and_missing_files(tmp_path):
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(ModelFileError, match="not a napari-unet model"):
+        load_model(other)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.safetensors")
+    with pytest.raises(ModelFileError, match=".safetensors"):
+        save_model(UNet(), tmp_path / "m.pt")
+
+
+def test_channel_mismatch_message():
+    with pytest.raises(ModelFileError, match="expects 1 channel.*has 3"):
+        check_channels(1, 3)
+
+
+def test_bundled_model_loads_and_has_provenance():
+    net = load_model()
+    cfg = net.config
+    assert bundled_model_path().stat().st_size < 5_000_000
+    assert cfg.in_channels == 1 and cfg.classes == ("background", "interior", "boundary")
+    scores = cfg.provenance["validation_scores"]
+    assert all(0 <= s["ap50"] <= 1 for s in scores.values())
+    with torch.no_grad():
+        out = net(torch.from_numpy(np.zeros((1, 1, 64, 64), np.float32)))
+    assert torch.isfinite(out).all()

@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+from _synthetic import sparse_annotation, touching_disks
+
+from napari_unet.losses import weighted_cross_entropy
+from napari_unet.targets import (
+    BG,
+    BOUNDARY,
+    IGNORE_INDEX,
+    INTERIOR,
+    border_weights,
+    instances_to_annotation,
+    make_targets,
+)
+
+
+def test_conventions_unpainted_is_ignored_background_is_one():
+    _, labels = touching_disks((128, 128))
+    ann = sparse_annotation(labels, 3)
+    target, weight = make_targets(ann)
+    assert (target[ann == 0] == IGNORE_INDEX).all()
+    assert (weight[ann == 0] == 0).all()
+    assert (target[ann == 1] == BG).all()
+    assert set(np.unique(target[ann >= 2])) == {INTERIOR, BOUNDARY}
+
+
+def test_complete_region_makes_unpainted_pixels_background():
+    ann = np.zeros((64, 64), np.int32)
+    ann[10:20, 10:20] = 2
+    complete = np.zeros_like(ann, bool)
+    complete[:32] = True
+    target, _ = make_targets(ann, complete)
+    assert (target[:32][ann[:32] == 0] == BG).all()
+    assert (target[32:] == IGNORE_INDEX).all()
+
+
+def test_touching_cells_get_boundary_and_high_border_weight():
+    ann = np.ones((40, 60), np.int32)
+    ann[10:30, 10:30] = 2
+    ann[10:30, 30:50] = 3  # touches cell 2 along column 29/30
+    target, weight = make_targets(ann, w0=10, sigma=5)
+    assert (target[15:25, 29:31] == BOUNDARY).all()
+    # Pixels between two cells weigh much more than background far from any cell.
+    assert weight[15:25, 29:31].mean() > 3 * weight[0, 0]
+
+
+def test_border_weight_peaks_in_narrow_gaps():
+    cells = np.zeros((30, 60), np.int32)
+    cells[10:20, 10:28] = 1
+    cells[10:20, 31:50] = 2
+    w = border_weights(cells, w0=10, sigma=5)
+    assert w[15, 29] == pytest.approx(10 * np.exp(-(2 + 2) ** 2 / 50), rel=0.2)
+    assert w[15, 29] > 5 * w[0, 59]
+
+
+def test_bad_annotations_raise_clear_errors():
+    with pytest.raises(ValueError, match="integer"):
+        make_targets(np.zeros((8, 8), np.float32))
+    with pytest.raises(ValueError, match="2D"):
+        make_targets(np.zeros((2, 8, 8), np.int32))
+
+
+def test_instances_to_annotation():
+    labels = np.array([[0, 1], [2, 0]])
+    assert instances_to_annotation(labels).tolist() == [[1, 2], [3, 1]]
+
+
+def test_loss_ignores_unannotated_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 16, 16, requires_grad=True)
+    target = torch.randint(0, 3, (2, 16, 16))
+    target[:, :8] = IGNORE_INDEX
+    weight = torch.rand(2, 16, 16) + 0.5
+    loss = weighted_cross_entropy(logits, target, weight)
+    loss.backward()
+    assert torch.all(logits.grad[:, :, :8] == 0)
+    assert torch.any(logits.grad[:, :, 8:] != 0)
+    # Changing predictions where nothing is annotated does not change the loss.
+    other = logits.detach().clone()
+    other[:, :, :8] = torch.randn(2, 3, 8, 16) * 100
+    assert weighted_cross_entropy(other, target, weight).item() == pytest.approx(loss.item())
+
+
+def test_loss_weights_and_empty_batch():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 0] = 5.0  # confident "background"
+    target = torch.tensor([[[0, 1], [-1, -1]]])
+    w_even = weighted_cross_entropy(logits, target, torch.ones(1, 2, 2))
+    w_heavy = weighted_cross_entropy(logits, target, torch.tensor([[[1.0, 9.0], [1, 1]]]))
+    assert w_heavy > w_even  # the misclassified pixel counts more
+    empty = torch.full((1, 2, 2), IGNORE_INDEX)
+    assert weighted_cross_entropy(logits, empty, torch.ones(1, 2, 2)).item() == 0.0
