@@ -7,6 +7,7 @@ metadata. ``safetensors`` never unpickles, so loading cannot run code from the f
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 FORMAT = "napari-unet/1"
 CLASSES = ("background", "interior", "boundary")
@@ -104,6 +106,21 @@ class UNet(nn.Module):
         for upconv, block in zip(self.upconv, self.up, strict=True):
             x = block(torch.cat([skips.pop(), upconv(x)], dim=1))
         return self.head(x)
+
+
+def fuse_batchnorm(model: UNet) -> UNet:
+    """An inference-only copy with each BatchNorm folded into the convolution before it.
+
+    Same outputs up to float rounding, one memory pass fewer per layer (CPU inference is
+    memory-bound on these small layers).
+    """
+    fused = copy.deepcopy(model).eval()
+    for block in [*fused.down, *fused.up]:
+        for i in (0, 3):
+            conv, bn = block[i], block[i + 1]
+            block[i] = fuse_conv_bn_eval(conv, bn)
+            block[i + 1] = nn.Identity()
+    return fused
 
 
 def bundled_model_path() -> Path:

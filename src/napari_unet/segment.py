@@ -7,7 +7,6 @@ stays bounded by a few planes whatever the stack size.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from .device import autocast, resolve_precision, select_device, to_device
-from .model import UNet, check_channels
+from .model import UNet, check_channels, fuse_batchnorm
 from .normalize import check_finite, normalize
 from .postprocess import PostprocessConfig, labels_from_probs
 from .tiling import drain, sliding_window_iter
@@ -27,10 +26,12 @@ from .tiling import drain, sliding_window_iter
 class InferenceConfig:
     """Tiling, batching, device and precision for prediction."""
 
-    tile: int = 512
-    overlap: int = 64
+    # 256-pixel tiles ran fastest on a 2-core CPU (cache-friendly); GPUs like larger
+    # tiles and batches: raise them there.
+    tile: int = 256
+    overlap: int = 48
     margin: int = 16
-    batch_size: int = 2
+    batch_size: int = 4
     blend: str = "cosine"
     device: str = "auto"
     precision: str = "auto"
@@ -59,8 +60,8 @@ class Predictor:
         self.model_config = model.config
         self.device = select_device(self.config.device)
         self.amp = resolve_precision(self.device, self.config.precision)
-        # A private copy: the caller's model may keep training in another thread.
-        self.net = to_device(copy.deepcopy(model), self.device).eval()
+        # A private (fused) copy: the caller's model may keep training in another thread.
+        self.net = to_device(fuse_batchnorm(model), self.device).eval()
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -104,6 +105,21 @@ def plane_indices(shape: tuple[int, ...], channel_axis: int | None) -> Iterator[
 def output_shape(shape: tuple[int, ...], channel_axis: int | None) -> tuple[int, ...]:
     """Shape of the label image: the input shape without its channel axis."""
     return tuple(n for i, n in enumerate(shape) if i != channel_axis)
+
+
+def read_plane(image: Any, key: tuple, channel_axis: int | None) -> np.ndarray:
+    """Read one plane (only that plane, for lazy arrays); channels first if any."""
+    plane = np.asarray(image[key])
+    if channel_axis is not None:
+        # Integer indices before the channel axis have removed axes in front of it.
+        plane = np.moveaxis(plane, channel_axis - sum(isinstance(k, int)
+                                                      for k in key[:channel_axis]), 0)
+    return plane
+
+
+def label_key(key: tuple, channel_axis: int | None) -> tuple:
+    """The index of a plane's labels in the output (which has no channel axis)."""
+    return tuple(k for j, k in enumerate(key) if j != channel_axis)
 
 
 def check_image(shape: tuple[int, ...], channel_axis: int | None, name: str = "image") -> None:
@@ -151,10 +167,7 @@ def segment_image(
     for i, key in enumerate(keys):
         if cancel is not None and cancel():
             break
-        plane = np.asarray(image[key])
-        if channel_axis is not None:
-            plane = np.moveaxis(plane, channel_axis - sum(isinstance(k, int) for k in
-                                                          key[:channel_axis]), 0)
+        plane = read_plane(image, key, channel_axis)
         check_finite(plane, f"plane {i} of the image")
         gen = predictor.predict_iter(plane)
         while True:
@@ -168,7 +181,7 @@ def segment_image(
                 gen.close()
                 return out
         labels = labels_from_probs(probs, post)
-        out_key = tuple(k for j, k in enumerate(key) if j != channel_axis)
+        out_key = label_key(key, channel_axis)
         if post.mode == "instances" and labels.max() > 0:
             labels = np.where(labels > 0, labels + offset, 0).astype(np.int32)
             offset = int(labels.max())

@@ -23,13 +23,18 @@ IGNORE_INDEX = -1
 BG, INTERIOR, BOUNDARY = 0, 1, 2
 
 
-def check_annotation(annotation: np.ndarray, shape: tuple[int, ...] | None = None) -> None:
-    """Raise ValueError for annotations that cannot be used for training."""
-    if not np.issubdtype(annotation.dtype, np.integer) and annotation.dtype != bool:
+def check_label_dtype(dtype: np.dtype) -> None:
+    """Annotations are integer label images."""
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_)):
         raise ValueError(
-            f"annotation must hold integer labels, got dtype {annotation.dtype}; paint it in a "
+            f"annotation must hold integer labels, got dtype {dtype}; paint it in a "
             "napari Labels layer or convert it with .astype(int)"
         )
+
+
+def check_annotation(annotation: np.ndarray, shape: tuple[int, ...] | None = None) -> None:
+    """Raise ValueError for annotations that cannot be used for training."""
+    check_label_dtype(annotation.dtype)
     if shape is not None and annotation.shape != tuple(shape):
         raise ValueError(
             f"annotation shape {annotation.shape} does not match image shape {tuple(shape)}; "

@@ -24,7 +24,7 @@ from .device import autocast, resolve_precision, select_device, to_device
 from .losses import weighted_cross_entropy
 from .model import UNet, check_channels, save_model
 from .normalize import normalize
-from .targets import FIRST_CELL, IGNORE_INDEX, check_annotation, make_targets
+from .targets import FIRST_CELL, IGNORE_INDEX, check_annotation, check_label_dtype, make_targets
 
 
 @dataclass
@@ -142,6 +142,44 @@ def prepare_pairs(
             "(0 = not annotated, 1 = background)"
         )
     return prepared
+
+
+def pairs_from_arrays(
+    image: np.ndarray,
+    annotation: np.ndarray,
+    *,
+    channel_axis: int | None = None,
+    complete: np.ndarray | None = None,
+    name: str = "image",
+) -> list[TrainingPair]:
+    """Split an N-D image + annotation into the 2D planes that carry any annotation.
+
+    ``complete`` (same shape as the annotation, bool) marks fully annotated pixels.
+    """
+    from .segment import check_image, label_key, output_shape, plane_indices, read_plane
+
+    shape = tuple(image.shape)
+    check_image(shape, channel_axis, name)
+    if channel_axis is not None:
+        channel_axis %= len(shape)
+    expected = output_shape(shape, channel_axis)
+    check_label_dtype(annotation.dtype)
+    if tuple(annotation.shape) != expected:
+        raise ValueError(
+            f"{name}: annotation shape {tuple(annotation.shape)} does not match the image "
+            f"shape {expected} (without its channel axis); annotate the image itself"
+        )
+    pairs = []
+    for key in plane_indices(shape, channel_axis):
+        out_key = label_key(key, channel_axis)
+        ann = np.asarray(annotation[out_key])
+        done = None if complete is None else np.asarray(complete[out_key], bool)
+        if not ann.any() and (done is None or not done.any()):
+            continue
+        plane = read_plane(image, key, channel_axis)
+        where = [k for k in out_key if isinstance(k, int)]
+        pairs.append(TrainingPair(plane, ann, done, f"{name}{where}" if where else name))
+    return pairs
 
 
 class PatchSampler:
