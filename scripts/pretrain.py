@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop early (keeping the model) after this much training time")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -67,7 +69,8 @@ def main() -> None:
     model = UNet(ModelConfig(depth=args.depth, base_channels=args.base))
     trainer = Trainer(model, pairs, config)
     t0 = time.perf_counter()
-    for p in trainer.run():
+    deadline = t0 + 60 * args.max_minutes if args.max_minutes else float("inf")
+    for p in trainer.run(cancel=lambda: time.perf_counter() > deadline):
         if p.step % 100 == 0:
             print(f"step {p.step}/{p.total_steps} loss {p.loss_avg:.4f} "
                   f"{p.steps_per_s:.1f} steps/s", flush=True)
@@ -89,6 +92,7 @@ def main() -> None:
         "validation_scores": scores,
         "settings": vars(args) | {"out": str(args.out)},
         "train_seconds": round(train_time, 1),
+        "steps_done": trainer.step,
         "final_loss": round(float(np.mean(trainer.losses[-100:])), 4),
         "device": str(trainer.device), "torch": torch.__version__,
         "platform": platform.platform(),
