@@ -1,0 +1,517 @@
+"""Annotate widget: pair an image with a sparse annotation Labels layer and paint it.
+
+Conventions (``napari_unet.targets``): 0 = not annotated (ignored by training),
+1 = background, every value >= 2 = one cell. Regions declared fully annotated (rectangles in
+a "<image> complete regions" Shapes layer, or whole slices) count their unpainted pixels
+as background.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Labels
+from qtpy.QtCore import QTimer
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..targets import BACKGROUND, FIRST_CELL, check_label_dtype
+from . import _common as c
+
+ANNOTATION_SUFFIX = "_annotation.tif"
+SIDECAR_SUFFIX = "_annotation.json"
+_COUNT_LIMIT = 64_000_000  # count the whole annotation below this many pixels, else the slice
+
+
+def annotation_name(image_name: str) -> str:
+    return f"{image_name} annotation"
+
+
+def count_annotation(data: np.ndarray) -> tuple[int, int]:
+    """(number of distinct cell ids >= 2, number of background pixels)."""
+    data = np.asarray(data)
+    if data.size == 0:
+        return 0, 0
+    if data.dtype.kind == "u" or (data.dtype.kind in "ib" and data.min() >= 0):
+        counts = np.bincount(data.ravel().astype(np.intp, copy=False))
+        cells = int(np.count_nonzero(counts[FIRST_CELL:]))
+        background = int(counts[BACKGROUND]) if len(counts) > BACKGROUND else 0
+        return cells, background
+    values = np.unique(data)
+    return int((values >= FIRST_CELL).sum()), int((data == BACKGROUND).sum())
+
+
+class _Swatch(QLabel):
+    def __init__(self, color: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setFixedSize(16, 16)
+        self.set_color(color)
+
+    def set_color(self, color: Any) -> None:
+        if color is None:
+            css = "background: transparent; border: 1px dashed gray;"
+        else:
+            r, g, b = (int(255 * float(v)) for v in np.asarray(color)[:3])
+            css = f"background: {QColor(r, g, b).name()}; border: 1px solid gray;"
+        self.setStyleSheet(css)
+
+
+class AnnotateWidget(QWidget):
+    """Create/pick an image's annotation layer, paint it, declare complete regions, save it."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._annotation: Labels | None = None
+        self._count_timer = QTimer(self)
+        self._count_timer.setSingleShot(True)
+        self._count_timer.setInterval(150)
+        self._count_timer.timeout.connect(self.update_counts)
+
+        self.image_combo = c.LayerCombo(napari_viewer, (Image,))
+        self.channel_combo = c.ChannelAxisCombo()
+        self.annotation_combo = c.LayerCombo(napari_viewer, (Labels,), none_text="(new)")
+        self.create_button = QPushButton("Create / pick annotation layer")
+        self.create_button.setToolTip('adds a Labels layer "<image> annotation" matching the '
+                                      "image (or picks the existing one)")
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_combo)
+        form.addRow("Channel axis", self.channel_combo)
+        form.addRow("Annotation", self.annotation_combo)
+
+        legend = QGroupBox("Label values")
+        grid = QGridLayout(legend)
+        self.swatches = [_Swatch(None), _Swatch((0.47, 0.15, 0.02)), _Swatch((0.36, 0.84, 0.97))]
+        texts = ["0  not annotated (ignored)", "1  background",
+                 "≥ 2  cells: one value per cell"]
+        for row, (swatch, text) in enumerate(zip(self.swatches, texts, strict=True)):
+            grid.addWidget(swatch, row, 0)
+            grid.addWidget(QLabel(text), row, 1)
+        grid.setColumnStretch(1, 1)
+
+        self.background_button = QPushButton("Paint background (1)")
+        self.background_button.setToolTip("brush with label 1: pixels that are surely not a cell")
+        self.next_cell_button = QPushButton("Next free cell id")
+        self.next_cell_button.setToolTip("brush with a new cell id (one value per cell, >= 2)")
+        paint_row = QHBoxLayout()
+        paint_row.addWidget(self.background_button)
+        paint_row.addWidget(self.next_cell_button)
+
+        complete = QGroupBox("Fully annotated (unpainted pixels there = background)")
+        cl = QVBoxLayout(complete)
+        self.regions_button = QPushButton("Draw complete-region rectangles")
+        self.regions_button.setToolTip('adds a Shapes layer "<image> complete regions": every '
+                                       "cell inside a rectangle must be painted")
+        self.slice_check = QCheckBox("This slice is fully annotated")
+        cl.addWidget(self.regions_button)
+        cl.addWidget(self.slice_check)
+
+        self.counts_label = QLabel("no annotation layer")
+        self.counts_label.setWordWrap(True)
+
+        self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip(f"write <image>{ANNOTATION_SUFFIX} (+ the image and the "
+                                    "complete regions) into a folder")
+        self.load_button = QPushButton("Load…")
+        self.load_button.setToolTip(f"open a saved *{ANNOTATION_SUFFIX} with its image")
+        io_row = QHBoxLayout()
+        io_row.addWidget(self.save_button)
+        io_row.addWidget(self.load_button)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.create_button)
+        layout.addWidget(legend)
+        layout.addLayout(paint_row)
+        layout.addWidget(complete)
+        layout.addWidget(self.counts_label)
+        layout.addLayout(io_row)
+        layout.addStretch(1)
+
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.channel_combo.currentIndexChanged.connect(self._on_channel_changed)
+        self.annotation_combo.currentIndexChanged.connect(self._on_annotation_changed)
+        self.create_button.clicked.connect(self.create_annotation)
+        self.background_button.clicked.connect(self.paint_background)
+        self.next_cell_button.clicked.connect(self.next_cell_id)
+        self.regions_button.clicked.connect(self.add_regions_layer)
+        self.slice_check.toggled.connect(self._on_slice_toggled)
+        self.save_button.clicked.connect(self._ask_save)
+        self.load_button.clicked.connect(self._ask_load)
+        self.viewer.dims.events.current_step.connect(self._on_step)
+        self._on_image_changed()
+
+    # ------------------------------------------------------------ state
+
+    def image_layer(self) -> Image | None:
+        return self.image_combo.layer()
+
+    def annotation_layer(self) -> Labels | None:
+        return self.annotation_combo.layer()
+
+    def _expected_shape(self, image: Image) -> tuple[int, ...]:
+        return c.label_shape(image, self.channel_combo.value())
+
+    def _on_image_changed(self, *_: Any) -> None:
+        image = self.image_layer()
+        shape = () if image is None or image.rgb else tuple(c.layer_array(image).shape)
+        self.channel_combo.set_shape(shape, c.default_channel_axis(image))
+        if image is not None:
+            match = self._find_annotation(image)
+            self.annotation_combo.set_layer(match)
+        self._on_annotation_changed()
+
+    def _on_channel_changed(self, *_: Any) -> None:
+        image = self.image_layer()
+        if image is not None and not image.rgb:
+            c.remember_channel_axis(image, self.channel_combo.value())
+
+    def _find_annotation(self, image: Image) -> Labels | None:
+        """An existing annotation layer for this image (tagged, or by name)."""
+        shape = self._expected_shape(image)
+        for layer in self.viewer.layers:
+            meta = layer.metadata.get(c.TAG)
+            if isinstance(layer, Labels) and isinstance(meta, dict) and \
+                    meta.get("role") == "annotation" and meta.get("image") == image.name and \
+                    layer.data.shape == shape:
+                return layer
+        name = annotation_name(image.name)
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            if isinstance(layer, Labels) and layer.data.shape == shape:
+                return layer
+        return None
+
+    def _on_annotation_changed(self, *_: Any) -> None:
+        layer = self.annotation_layer()
+        if layer is self._annotation:
+            self.update_counts()
+            return
+        if self._annotation is not None:
+            for emitter in self._layer_emitters(self._annotation):
+                emitter.disconnect(self._schedule_counts)
+        self._annotation = layer
+        if layer is not None:
+            for emitter in self._layer_emitters(layer):
+                emitter.connect(self._schedule_counts)
+            image = self.image_layer()
+            if image is not None and layer.data.shape != self._expected_shape(image):
+                c.notify_warning(
+                    f"annotation {layer.name!r} has shape {layer.data.shape} but image "
+                    f"{image.name!r} needs {self._expected_shape(image)}: pick another layer "
+                    "or press 'Create / pick annotation layer'"
+                )
+            self.swatches[1].set_color(layer.get_color(BACKGROUND))
+            self.swatches[2].set_color(layer.get_color(FIRST_CELL))
+        self._on_step()
+        self.update_counts()
+
+    @staticmethod
+    def _layer_emitters(layer: Labels) -> list:
+        ev = layer.events
+        return [ev.paint, ev.data, ev.labels_update]
+
+    # ------------------------------------------------------------ actions
+
+    def create_annotation(self) -> Labels | None:
+        """Create (or pick the existing) "<image> annotation" layer; returns it."""
+        image = self.image_layer()
+        if image is None:
+            c.notify_error("no image layer: open an image (File > Open or a sample) first")
+            return None
+        existing = self._find_annotation(image)
+        if existing is not None:
+            self.annotation_combo.set_layer(existing)
+            self._activate(existing)
+            return existing
+        shape = self._expected_shape(image)
+        if len(shape) < 2:
+            c.notify_error(f"{image.name!r} has shape {c.layer_array(image).shape}: "
+                           "an image needs Y and X axes")
+            return None
+        scale, translate = c.spatial_transform(image, self.channel_combo.value(), len(shape))
+        layer = self.viewer.add_labels(
+            np.zeros(shape, np.uint16),
+            name=c.free_name(self.viewer, annotation_name(image.name)),
+            scale=scale, translate=translate,
+            metadata={c.TAG: {"role": "annotation", "image": image.name,
+                              "complete_planes": []}},
+        )
+        layer.brush_size = 5
+        self.annotation_combo.set_layer(layer)
+        self.next_cell_id()
+        return layer
+
+    def _checked_annotation(self) -> Labels | None:
+        layer = self.annotation_layer()
+        if layer is None:
+            c.notify_error("no annotation layer: press 'Create / pick annotation layer' first")
+            return None
+        return layer
+
+    def _activate(self, layer: Any) -> None:
+        self.viewer.layers.selection.active = layer
+
+    def paint_background(self) -> None:
+        layer = self._checked_annotation()
+        if layer is None:
+            return
+        layer.selected_label = BACKGROUND
+        self._activate(layer)
+        layer.mode = "paint"
+
+    def next_cell_id(self) -> int | None:
+        """Select a label no cell uses yet (at least 2) and switch to painting."""
+        layer = self._checked_annotation()
+        if layer is None:
+            return None
+        data = np.asarray(layer.data)
+        value = max(int(data.max()) + 1 if data.size else FIRST_CELL, FIRST_CELL)
+        layer.selected_label = value
+        self._activate(layer)
+        layer.mode = "paint"
+        return value
+
+    def add_regions_layer(self) -> Any | None:
+        """Create or select the image's "complete regions" Shapes layer, in rectangle mode."""
+        image = self.image_layer()
+        layer = self._checked_annotation()
+        if image is None or layer is None:
+            if image is None:
+                c.notify_error("no image layer: open an image first")
+            return None
+        shapes = c.find_regions_layer(self.viewer, image.name)
+        if shapes is None:
+            shapes = self.viewer.add_shapes(
+                ndim=layer.ndim, name=c.regions_layer_name(image.name),
+                scale=layer.scale, translate=layer.translate,
+                edge_color="yellow", face_color=[1, 1, 0, 0.08], edge_width=2,
+                metadata={c.TAG: {"role": "complete_regions", "image": image.name}},
+            )
+        self._activate(shapes)
+        shapes.mode = "add_rectangle"
+        return shapes
+
+    # ------------------------------------------------------------ complete slices
+
+    def _current_lead(self) -> tuple[int, ...] | None:
+        layer = self.annotation_layer()
+        if layer is None:
+            return None
+        return c.lead_index(c.plane_key(self.viewer, layer, None), None)
+
+    def _on_step(self, *_: Any) -> None:
+        layer = self.annotation_layer()
+        lead = self._current_lead()
+        self.slice_check.setEnabled(layer is not None)
+        self.slice_check.setText("Whole image is fully annotated" if lead == ()
+                                 else "This slice is fully annotated")
+        self.slice_check.blockSignals(True)
+        self.slice_check.setChecked(layer is not None and lead in c.complete_planes(layer))
+        self.slice_check.blockSignals(False)
+        if layer is not None and layer.data.size > _COUNT_LIMIT:
+            self._schedule_counts()
+
+    def _on_slice_toggled(self, checked: bool) -> None:
+        layer = self.annotation_layer()
+        lead = self._current_lead()
+        if layer is None or lead is None:
+            return
+        c.set_plane_complete(layer, lead, checked)
+        self.update_counts()
+
+    def set_slice_complete(self, complete: bool = True) -> None:
+        """Declare the slice on screen fully annotated (or not)."""
+        self.slice_check.setChecked(complete)
+
+    # ------------------------------------------------------------ counts
+
+    def _schedule_counts(self, *_: Any) -> None:
+        self._count_timer.start()
+
+    def update_counts(self) -> tuple[int, int] | None:
+        layer = self.annotation_layer()
+        if layer is None:
+            self.counts_label.setText("no annotation layer")
+            return None
+        data = layer.data
+        where = ""
+        if data.size > _COUNT_LIMIT:
+            key = c.annotation_plane_key(data.shape, self._current_lead() or ())
+            data, where = data[key], " (this slice)"
+        cells, background = count_annotation(data)
+        n_complete = len(c.complete_planes(layer))
+        text = f"{c.bold(str(cells))} cells, {c.bold(f'{background:,}')} background pixels{where}"
+        if n_complete:
+            text += f"; {n_complete} fully annotated slice(s)"
+        if cells == 0:
+            text += "<br>paint at least one cell (a value ≥ 2) to train"
+        self.counts_label.setText(text)
+        return cells, background
+
+    # ------------------------------------------------------------ save / load
+
+    def _ask_save(self) -> None:
+        image = self.image_layer()
+        start = ""
+        path = getattr(getattr(image, "source", None), "path", None)
+        if path:
+            start = str(Path(path).parent)
+        folder = QFileDialog.getExistingDirectory(self, "Save annotation into folder", start)
+        if folder:
+            self.save_to(folder)
+
+    def save_to(self, folder: str | Path, overwrite: bool | None = None) -> Path | None:
+        """Write ``<stem>_annotation.tif`` (+ sidecar JSON, + the image if it has no file).
+
+        ``overwrite=None`` asks before replacing files.
+        """
+        from .. import io
+
+        image, layer = self.image_layer(), self._checked_annotation()
+        if image is None or layer is None:
+            if image is None:
+                c.notify_error("no image layer to save the annotation with")
+            return None
+        if layer.data.shape != self._expected_shape(image):
+            c.notify_error(f"annotation shape {layer.data.shape} does not match the image "
+                           f"({self._expected_shape(image)}); nothing saved")
+            return None
+        folder = Path(folder)
+        stem = c.file_stem(image)
+        ann_path = folder / f"{stem}{ANNOTATION_SUFFIX}"
+        sidecar = folder / f"{stem}{SIDECAR_SUFFIX}"
+        source = getattr(getattr(image, "source", None), "path", None)
+        image_path = Path(source) if source else folder / f"{stem}.tif"
+        targets = [ann_path, sidecar] + ([] if source else [image_path])
+        existing = [p for p in targets if p.exists()]
+        if existing:
+            if overwrite is None:
+                overwrite = c.confirm(self, "Replace " + ", ".join(p.name for p in existing)
+                                      + f" in {folder}?")
+            if not overwrite:
+                c.notify_warning(f"not saved: {existing[0]} exists")
+                return None
+        folder.mkdir(parents=True, exist_ok=True)
+        if not source:
+            import tifffile
+
+            tifffile.imwrite(image_path, np.asarray(c.layer_array(image)))
+        io.write_labels(ann_path, layer.data, overwrite=True)
+        regions = c.find_regions_layer(self.viewer, image.name)
+        meta = {
+            "image": str(image_path.resolve()),
+            "image_layer": image.name,
+            "channel_axis": self.channel_combo.value(),
+            "conventions": {"0": "not annotated", "1": "background", ">=2": "one cell each"},
+            "complete_planes": [list(p) for p in sorted(c.complete_planes(layer))],
+            "complete_rectangles": [] if regions is None else
+            [np.asarray(s).tolist() for s, t in zip(regions.data, regions.shape_type,
+                                                    strict=True) if t == "rectangle"],
+        }
+        sidecar.write_text(json.dumps(meta, indent=1))
+        c.notify_info(f"saved {ann_path.name} in {folder}")
+        return ann_path
+
+    def _ask_load(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load an annotation", "",
+                                              f"annotations (*{ANNOTATION_SUFFIX} *.tif *.tiff)")
+        if path:
+            self.load_from(path)
+
+    def load_from(self, path: str | Path) -> Labels | None:
+        """Open a saved annotation with its image (reusing an open image layer)."""
+        from .. import io
+
+        path = Path(path)
+        stem = path.name[: -len(ANNOTATION_SUFFIX)] if path.name.endswith(ANNOTATION_SUFFIX) \
+            else path.name.split(".")[0]
+        sidecar = path.with_name(f"{stem}{SIDECAR_SUFFIX}")
+        meta: dict = {}
+        if sidecar.is_file():
+            try:
+                meta = json.loads(sidecar.read_text())
+            except (OSError, ValueError) as exc:
+                c.notify_warning(f"ignoring {sidecar.name} (unreadable: {exc})")
+        try:
+            annotation = np.asarray(io.read_image(path))
+            check_label_dtype(annotation.dtype)
+        except (OSError, ValueError) as exc:
+            c.notify_error(f"cannot read the annotation {path.name}: {exc}")
+            return None
+        channel_axis = meta.get("channel_axis")
+        image = self._open_image_for(stem, meta, path.parent)
+        new_image = image is None
+        if new_image:
+            candidates = [Path(meta["image"])] if meta.get("image") else []
+            candidates += [path.with_name(f"{stem}{ext}") for ext in (".tif", ".tiff", ".png")]
+            found = next((p for p in candidates if p.exists()), None)
+            if found is None:
+                c.notify_error(f"the image of {path.name} was not found (looked for "
+                               f"{', '.join(p.name for p in candidates)}); open it first")
+                return None
+            data = io.read_image(found)
+            from ..segment import output_shape
+
+            expected = output_shape(tuple(data.shape), channel_axis)
+        else:
+            data, found = None, None
+            expected = c.label_shape(image, channel_axis)
+        if annotation.shape != tuple(expected):
+            c.notify_error(f"annotation {path.name} has shape {annotation.shape} but its image "
+                           f"needs {tuple(expected)}; nothing loaded")
+            return None
+        if new_image:
+            image = self.viewer.add_image(data, name=meta.get("image_layer", stem))
+        if channel_axis is not None:
+            c.remember_channel_axis(image, channel_axis)
+        self.image_combo.set_layer(image)
+        self.channel_combo.set_value(channel_axis)
+        scale, translate = c.spatial_transform(image, channel_axis, annotation.ndim)
+        layer = self.viewer.add_labels(
+            annotation, name=c.free_name(self.viewer, annotation_name(image.name)),
+            scale=scale, translate=translate,
+            metadata={c.TAG: {"role": "annotation", "image": image.name,
+                              "complete_planes": [tuple(p) for p in
+                                                  meta.get("complete_planes", [])]}},
+        )
+        rects = meta.get("complete_rectangles") or []
+        if rects:
+            if c.find_regions_layer(self.viewer, image.name) is None:
+                self.viewer.add_shapes(
+                    [np.asarray(r) for r in rects], shape_type="rectangle",
+                    name=c.regions_layer_name(image.name), scale=scale, translate=translate,
+                    edge_color="yellow", face_color=[1, 1, 0, 0.08], edge_width=2,
+                    metadata={c.TAG: {"role": "complete_regions", "image": image.name}},
+                )
+            else:
+                c.notify_warning(f"{c.regions_layer_name(image.name)!r} exists already; "
+                                 "the saved complete regions were not added")
+        self.annotation_combo.set_layer(layer)
+        return layer
+
+    def _open_image_for(self, stem: str, meta: dict, folder: Path) -> Image | None:
+        """An image layer already open for this annotation, if any."""
+        wanted = {stem, meta.get("image_layer")}
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image) and (layer.name in wanted or c.file_stem(layer) == stem):
+                return layer
+        return None
+
+
+__all__ = ["AnnotateWidget", "count_annotation"]

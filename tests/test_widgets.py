@@ -1,0 +1,569 @@
+"""The napari widgets, driven as a user would (needs Qt and a display: run under xvfb-run).
+
+    xvfb-run -a python -m pytest tests/test_widgets.py -q
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+        or os.environ.get("QT_QPA_PLATFORM")):
+    # Without a display Qt aborts the whole pytest process; skip instead.
+    pytest.skip("widget tests need a display: run them under xvfb-run -a",
+                allow_module_level=True)
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+import torch  # noqa: E402
+from napari.layers import Labels  # noqa: E402
+from qtpy.QtCore import Qt  # noqa: E402
+
+from _synthetic import sparse_annotation, touching_disks  # noqa: E402
+from napari_unet._widgets import AnnotateWidget, SegmentWidget, TrainWidget  # noqa: E402
+from napari_unet._widgets import _common as c  # noqa: E402
+from napari_unet._widgets.annotate import count_annotation  # noqa: E402
+from napari_unet.augment import AugmentConfig  # noqa: E402
+from napari_unet.model import ModelConfig, UNet, bundled_model_path, load_model  # noqa: E402
+from napari_unet.train import TrainConfig, Trainer, TrainingPair  # noqa: E402
+
+pytestmark = pytest.mark.widgets
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_IO = importlib.util.find_spec("napari_unet.io") is not None
+HAS_SAMPLE = (ROOT / "src/napari_unet/data/nuclei_crop.tif").is_file()
+TIMEOUT_MS = 30_000
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _tiny() -> UNet:
+    torch.manual_seed(0)
+    return UNet(ModelConfig(depth=3, base_channels=8))
+
+
+@pytest.fixture(autouse=True)
+def _clean_registry():
+    c.REGISTRY.clear()
+    yield
+    c.REGISTRY.clear()
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    """Notifications shown by the widgets, as (level, message)."""
+    got: list[tuple[str, str]] = []
+    for level in ("error", "warning", "info"):
+        monkeypatch.setattr(c, f"show_{level}",
+                            lambda msg, level=level: got.append((level, str(msg))))
+    return got
+
+
+@pytest.fixture(scope="module")
+def trained_model() -> UNet:
+    """A tiny model trained (by the engine) to separate touching disks; ~3 s on a CPU."""
+    image, labels = touching_disks((256, 256), seed=0)
+    ann = sparse_annotation(labels, n_cells=12, seed=0)
+    torch.manual_seed(0)
+    trainer = Trainer(_tiny(), [TrainingPair(image, ann)],
+                      TrainConfig(steps=60, lr=3e-3, batch_size=4, tile=96, freeze_norm=False,
+                                  device="cpu", augment=AugmentConfig(elastic_alpha=4)))
+    for _ in trainer.run():
+        pass
+    return trainer.model
+
+
+@pytest.fixture
+def base_model() -> UNet:
+    """The bundled model when it exists, else a tiny untrained one."""
+    if bundled_model_path().is_file():
+        return load_model()
+    return _tiny()
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+def _dock(viewer, widget):
+    viewer.window.add_dock_widget(widget, name=type(widget).__name__)
+    return widget
+
+
+def _wait_done(qtbot, widget, timeout=TIMEOUT_MS):
+    qtbot.waitUntil(lambda: not widget.is_running(), timeout=timeout)
+
+
+def _errors(notes):
+    return [m for level, m in notes if level == "error"]
+
+
+def _disks(shape=(128, 128), seed=1):
+    image, labels = touching_disks(shape, seed=seed)
+    return image, labels
+
+
+def _select_model(picker, model, label="test model"):
+    entry = c.REGISTRY.add(model, label)
+    picker.set_label(entry.label)
+    assert picker.label() == entry.label
+
+
+def _train_widget(viewer, model, steps=8, tile=64):
+    w = _dock(viewer, TrainWidget(viewer))
+    _select_model(w.model_picker, model)
+    w.steps_spin.setValue(steps)
+    w.tile_spin.setValue(tile)
+    w.batch_spin.setValue(2)
+    w.elastic_spin.setValue(2.0)
+    w.lr_spin.setValue(3e-3)
+    w.device_combo.setCurrentText("cpu")
+    return w
+
+
+def _segment_widget(viewer, model, tile=128):
+    w = _dock(viewer, SegmentWidget(viewer))
+    _select_model(w.model_picker, model)
+    w.tile_spin.setValue(tile)
+    w.overlap_spin.setValue(32)
+    w.device_combo.setCurrentText("cpu")
+    return w
+
+
+def _annotated_viewer(viewer, name="disks", shape=(128, 128), n_cells=6):
+    """Image + annotation made with the Annotate widget, cells 'painted' by setting data."""
+    image, labels = _disks(shape, seed=0)
+    viewer.add_image(image, name=name)
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    ann = aw.create_annotation()
+    ann.data = sparse_annotation(labels, n_cells=n_cells).astype(ann.data.dtype)
+    return aw, ann
+
+
+def _separated(pred: np.ndarray, truth: np.ndarray) -> int:
+    """Number of true cells whose majority predicted label is unique to them."""
+    best = [np.bincount(pred[truth == k].ravel()).argmax() for k in range(1, truth.max() + 1)]
+    ids = [b for b in best if b > 0]
+    return sum(ids.count(b) == 1 for b in ids)
+
+
+# ---------------------------------------------------------------- annotate
+
+
+def test_annotate_creates_annotation_and_paints(viewer, notes, qtbot):
+    aw, ann = _annotated_viewer(viewer)
+    assert ann.name == "disks annotation"
+    assert ann.data.shape == (128, 128) and ann.data.dtype == np.uint16
+    assert ann.metadata[c.TAG]["image"] == "disks"
+    # creating again picks the existing layer instead of adding one
+    assert aw.create_annotation() is ann and len(viewer.layers) == 2
+
+    aw.paint_background()
+    assert ann.selected_label == 1 and ann.mode == "paint"
+    assert viewer.layers.selection.active is ann
+    assert aw.next_cell_id() == int(ann.data.max()) + 1
+    assert ann.selected_label == int(ann.data.max()) + 1
+
+    cells, background = count_annotation(ann.data)
+    assert cells == 6 and background > 0
+    qtbot.waitUntil(lambda: "6</b> cells" in aw.counts_label.text(), timeout=2000)
+
+    # fully annotated: a rectangle and the whole (2D) image
+    shapes = aw.add_regions_layer()
+    assert shapes.name == "disks complete regions" and shapes.mode == "add_rectangle"
+    shapes.add_rectangles(np.array([[10, 10], [10, 40], [40, 40], [40, 10]]))
+    mask = c.complete_mask(viewer, "disks", ann)
+    assert mask.shape == (128, 128) and 800 < mask.sum() < 1000
+    aw.set_slice_complete(True)
+    assert c.complete_mask(viewer, "disks", ann).all()
+    assert not _errors(notes)
+
+
+def test_annotate_stack_and_channel_axis(viewer, notes):
+    stack = np.stack([_disks(seed=s)[0] for s in range(3)])
+    viewer.add_image(np.stack([stack, stack]), name="two channels")  # (C=2, Z=3, Y, X)
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    aw.channel_combo.set_value(0)
+    ann = aw.create_annotation()
+    assert ann.data.shape == (3, 128, 128)
+    assert c.default_channel_axis(viewer.layers["two channels"]) == 0
+    # "this slice is complete" marks only the slice on screen
+    viewer.dims.set_current_step(1, 2)
+    aw.set_slice_complete(True)
+    assert c.complete_planes(ann) == {(2,)}
+    mask = c.complete_mask(viewer, "two channels", ann)
+    assert mask[2].all() and not mask[:2].any()
+    assert not _errors(notes)
+
+
+def test_annotate_bad_input_notifies(viewer, notes):
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    assert aw.create_annotation() is None
+    aw.paint_background()
+    assert len(_errors(notes)) == 2 and "no image layer" in _errors(notes)[0]
+    assert len(viewer.layers) == 0
+    viewer.add_image(np.zeros((64, 64)), name="img")
+    viewer.add_labels(np.zeros((32, 32), np.uint16), name="wrong")
+    aw.annotation_combo.set_layer(viewer.layers["wrong"])
+    assert any("shape" in m for level, m in notes if level == "warning")
+    assert [lay.name for lay in viewer.layers] == ["img", "wrong"]
+
+
+@pytest.mark.skipif(not HAS_IO, reason="napari_unet.io not available yet")
+def test_annotate_save_and_reload(viewer, notes, tmp_path):
+    aw, ann = _annotated_viewer(viewer)
+    shapes = aw.add_regions_layer()
+    shapes.add_rectangles(np.array([[0, 0], [0, 20], [20, 20], [20, 0]]))
+    saved = aw.save_to(tmp_path)
+    assert saved == tmp_path / "disks_annotation.tif" and saved.is_file()
+    assert (tmp_path / "disks.tif").is_file()
+    # refuses to replace without asking
+    assert aw.save_to(tmp_path, overwrite=False) is None
+    original = ann.data.copy()
+    for name in list(viewer.layers):
+        viewer.layers.remove(name)
+    layer = aw.load_from(saved)
+    assert layer is not None and np.array_equal(layer.data, original)
+    assert layer.metadata[c.TAG]["image"] == "disks"
+    assert c.find_regions_layer(viewer, "disks") is not None
+    assert sorted(lay.name for lay in viewer.layers) == sorted(
+        ["disks", "disks annotation", "disks complete regions"])
+    assert not _errors(notes)
+
+
+# ---------------------------------------------------------------- train
+
+
+def test_train_runs_in_worker_with_preview_and_keeps_event_loop_alive(
+        viewer, notes, qtbot, capsys):
+    from qtpy.QtCore import QTimer
+
+    _annotated_viewer(viewer)
+    sw = _dock(viewer, SegmentWidget(viewer))
+    w = _train_widget(viewer, _tiny(), steps=40, tile=64)
+    assert [w.pairs_list.item(i).text() for i in range(w.pairs_list.count())] == \
+        ["disks  ←  disks annotation"]
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    qtbot.mouseClick(w.train_button, Qt.LeftButton)
+    assert w.is_running() and not w.train_button.isEnabled()
+    _wait_done(qtbot, w)
+    timer.stop()
+    gaps = np.diff(ticks)
+    with capsys.disabled():
+        print(f"\n[event loop during training] {len(ticks)} ticks, largest gap "
+              f"{1000 * gaps.max():.0f} ms, median {1000 * np.median(gaps):.0f} ms")
+    assert len(ticks) > 10 and gaps.max() < 0.5
+
+    assert not _errors(notes), notes
+    entry = c.REGISTRY.latest("finetuned")
+    assert entry is not None and entry.model is w.model and "40 steps" in entry.label
+    assert w.job.trainer.step == 40 and len(w.loss_plot.steps) == 40
+    assert np.isfinite(w.loss_plot.losses).all()
+    preview = c.owned_layer(viewer, "preview", "disks")
+    assert isinstance(preview, Labels) and preview.data.shape == (128, 128)
+    assert preview.name == "disks preview"
+    assert "done after 40 steps" in w.status.text()
+    assert w.save_button.isEnabled() and w.train_button.isEnabled()
+    # an open Segment widget switches to the model just trained; a new one offers it
+    assert sw.model_picker.label() == entry.label
+    assert sw.model_picker.model() is w.model
+    new = _dock(viewer, SegmentWidget(viewer))
+    assert new.model_picker.label() == c.BUNDLED_LABEL
+    assert entry.label in [new.model_picker.combo.itemText(i)
+                           for i in range(new.model_picker.combo.count())]
+
+
+def test_train_stop_keeps_last_good_model(viewer, notes, qtbot, tmp_path):
+    _annotated_viewer(viewer)
+    start_model = _tiny()
+    w = _train_widget(viewer, start_model, steps=100_000, tile=64)
+    w.preview_check.setChecked(False)
+    w.start()
+    qtbot.waitUntil(lambda: w.job.trainer is not None and w.job.trainer.step >= 3,
+                    timeout=TIMEOUT_MS)
+    w.stop()
+    _wait_done(qtbot, w)
+    trainer = w.job.trainer
+    assert 3 <= trainer.step < 100_000
+    assert w.model is trainer.model and "stopped" in c.REGISTRY.latest().label
+    changed = [not torch.equal(a, b) for a, b in
+               zip(start_model.state_dict().values(), w.model.state_dict().values(),
+                   strict=True)]
+    assert any(changed)
+    assert "stopped after" in w.status.text()
+    # save, and never overwrite without being asked
+    path = w.save_model_to(str(tmp_path / "tuned"))
+    assert path and Path(path).name == "tuned.safetensors" and Path(path).is_file()
+    loaded = load_model(path)
+    assert loaded.config.provenance["steps"] == trainer.step
+    before = Path(path).stat().st_mtime_ns
+    assert w.save_model_to(path, overwrite=False) is None
+    assert Path(path).stat().st_mtime_ns == before
+    assert any("exists" in m for level, m in notes if level == "warning")
+    assert not _errors(notes)
+
+
+def test_train_error_keeps_last_good_model(viewer, notes, qtbot, base_model, monkeypatch):
+    """A diverging run (NaN loss) reports the error and keeps the last good snapshot."""
+    from napari_unet.train import Trainer as EngineTrainer
+
+    original = EngineTrainer.train_step
+
+    def diverge_after_12(self):
+        loss = original(self)
+        return float("nan") if self.step >= 12 else loss
+
+    monkeypatch.setattr(EngineTrainer, "train_step", diverge_after_12)
+    _annotated_viewer(viewer)
+    w = _train_widget(viewer, base_model, steps=50, tile=64)
+    w.preview_check.setChecked(False)
+    w.start()
+    _wait_done(qtbot, w)
+    errors = _errors(notes)
+    assert len(errors) == 1 and "diverged" in errors[0] and "last good" in errors[0]
+    assert w.job.trainer.step == 12
+    entry = c.REGISTRY.latest("finetuned")
+    assert entry.model is w.job.trainer.model and "error" in entry.label
+    assert all(torch.isfinite(t).all() for t in entry.model.state_dict().values()
+               if t.is_floating_point())
+    assert w.train_button.isEnabled() and not w.stop_button.isEnabled()
+
+
+def test_train_on_annotated_slices_of_a_stack(viewer, notes, qtbot):
+    images, labels = zip(*[_disks((96, 96), seed=s) for s in range(3)], strict=True)
+    viewer.add_image(np.stack(images), name="stack")
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    ann = aw.create_annotation()
+    data = np.zeros(ann.data.shape, ann.data.dtype)
+    data[1] = sparse_annotation(labels[1], n_cells=4)
+    ann.data = data
+    w = _train_widget(viewer, _tiny(), steps=4, tile=64)
+    viewer.dims.set_current_step(0, 2)
+    w.start()
+    _wait_done(qtbot, w)
+    assert not _errors(notes), notes
+    assert w.job.trainer.step == 4
+    preview = c.owned_layer(viewer, "preview", "stack")
+    assert preview is not None and preview.data.shape == (96, 96)
+
+
+def test_train_bad_inputs_notify_and_change_nothing(viewer, notes):
+    w = _dock(viewer, TrainWidget(viewer))
+    _select_model(w.model_picker, _tiny())
+
+    def attempt(expected: str):
+        names = [lay.name for lay in viewer.layers]
+        n_errors = len(_errors(notes))
+        assert w.start() is None and not w.is_running()
+        assert len(_errors(notes)) == n_errors + 1, notes
+        assert expected in _errors(notes)[-1].lower(), _errors(notes)[-1]
+        assert [lay.name for lay in viewer.layers] == names
+
+    attempt("no training data")  # no layers at all
+    image, labels = _disks((64, 64))
+    viewer.add_image(image, name="img")
+    attempt("no training data")  # image without annotation
+    background_only = np.where(labels == 0, 1, 0).astype(np.uint16)
+    viewer.add_labels(background_only, name="img annotation")
+    attempt("no cells")
+    viewer.layers.remove("img annotation")
+    viewer.add_labels(np.zeros((32, 32), np.uint16), name="img annotation")
+    attempt("shape")
+    viewer.layers.remove("img annotation")
+    viewer.layers.remove("img")
+
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="rgb", rgb=True)
+    viewer.add_labels(sparse_annotation(labels, 2).astype(np.uint16), name="rgb annotation")
+    attempt("rgb")
+    viewer.layers.remove("rgb annotation")
+    viewer.layers.remove("rgb")
+
+    two = viewer.add_image(np.stack([image, image]), name="two")  # channel axis 0
+    c.remember_channel_axis(two, 0)
+    viewer.add_labels(sparse_annotation(labels, 2).astype(np.uint16), name="two annotation")
+    attempt("channel")
+
+
+# ---------------------------------------------------------------- segment
+
+
+def test_segment_2d_instances_replace_own_layer_only(viewer, notes, qtbot, trained_model):
+    image, truth = _disks((128, 128), seed=1)
+    viewer.add_image(image, name="img")
+    user = viewer.add_labels(np.full((128, 128), 7, np.int32), name="img labels")
+    w = _segment_widget(viewer, trained_model)
+    w.probs_check.setChecked(True)
+    qtbot.mouseClick(w.run_button, Qt.LeftButton)
+    assert w.is_running()
+    _wait_done(qtbot, w)
+    assert not _errors(notes), notes
+    out = c.owned_layer(viewer, "labels", "img")
+    assert out is not None and out is not user and out.name == "img labels [1]"
+    assert np.all(user.data == 7)  # the user's layer is untouched
+    assert out.data.shape == (128, 128) and out.data.dtype == np.int32
+    assert _separated(out.data, truth) == truth.max()  # touching disks come apart
+    probs = c.owned_layer(viewer, "probabilities", "img")
+    assert probs.data.shape == (3, 128, 128)
+    np.testing.assert_allclose(probs.data.sum(0), 1, atol=1e-4)
+    # re-running replaces our own layer, adds nothing
+    n_layers = len(viewer.layers)
+    w.mode_combo.setCurrentText("semantic")
+    w.run()
+    _wait_done(qtbot, w)
+    assert len(viewer.layers) == n_layers and c.owned_layer(viewer, "labels", "img") is out
+    assert set(np.unique(out.data)) <= {0, 1, 2}
+    assert np.all(user.data == 7)
+
+
+def test_segment_stack_whole_and_current_slice(viewer, notes, qtbot, trained_model):
+    planes = [_disks((128, 128), seed=s) for s in range(3)]
+    stack = np.stack([p[0] for p in planes])
+    viewer.add_image(stack, name="stack")
+    w = _segment_widget(viewer, trained_model)
+    assert w.scope_combo.isEnabled()
+    w.run()
+    _wait_done(qtbot, w)
+    out = c.owned_layer(viewer, "labels", "stack")
+    assert out.data.shape == (3, 128, 128) and out.data.dtype == np.int32
+    ids = [set(np.unique(out.data[z])) - {0} for z in range(3)]
+    assert all(len(s) >= 6 for s in ids)
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])  # unique across the stack
+    for z in range(3):
+        assert _separated(out.data[z], planes[z][1]) >= planes[z][1].max() - 1
+
+    # current slice of another stack: only that plane is written
+    viewer.add_image(stack[::-1].copy(), name="stack2")
+    w.image_combo.set_layer(viewer.layers["stack2"])
+    w.scope_combo.setCurrentText("current slice")
+    viewer.dims.set_current_step(0, 1)
+    w.run()
+    _wait_done(qtbot, w)
+    out2 = c.owned_layer(viewer, "labels", "stack2")
+    assert out2.data.shape == (3, 128, 128)
+    assert out2.data[1].max() > 0 and not out2.data[0].any() and not out2.data[2].any()
+    assert not _errors(notes), notes
+
+
+def test_segment_one_click_default(viewer, notes, qtbot):
+    """Defaults: bundled model, whole image, default tiling (a clear error without it)."""
+    image, truth = _disks((128, 128), seed=2)
+    viewer.add_image(image, name="img")
+    w = _dock(viewer, SegmentWidget(viewer))
+    assert w.model_picker.label() == c.BUNDLED_LABEL
+    if not bundled_model_path().is_file():
+        assert w.run() is None
+        assert "not found" in _errors(notes)[-1]
+        assert [lay.name for lay in viewer.layers] == ["img"]
+        pytest.skip("bundled model not there yet")
+    w.run()
+    _wait_done(qtbot, w)
+    assert not _errors(notes), notes
+    out = c.owned_layer(viewer, "labels", "img")
+    assert out.data.shape == (128, 128) and out.data.max() > 0
+
+
+def test_segment_cancel(viewer, notes, qtbot):
+    stack = np.stack([_disks((256, 256), seed=s)[0] for s in range(6)])
+    viewer.add_image(stack, name="big")
+    w = _segment_widget(viewer, _tiny(), tile=64)
+    w.run()
+    qtbot.waitUntil(lambda: w.job.last is not None, timeout=TIMEOUT_MS)
+    w.cancel()
+    _wait_done(qtbot, w)
+    assert "cancelled" in w.status.text()
+    assert w.job.last.plane < 5
+    assert not _errors(notes)
+
+
+def test_segment_bad_inputs_notify_and_change_nothing(viewer, notes):
+    w = _dock(viewer, SegmentWidget(viewer))
+    _select_model(w.model_picker, _tiny())
+
+    def attempt(expected: str):
+        names = [lay.name for lay in viewer.layers]
+        n_errors = len(_errors(notes))
+        assert w.run() is None and not w.is_running()
+        assert len(_errors(notes)) == n_errors + 1, notes
+        assert expected in _errors(notes)[-1].lower(), _errors(notes)[-1]
+        assert [lay.name for lay in viewer.layers] == names
+
+    attempt("no image layer")
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="rgb", rgb=True)
+    attempt("rgb")
+    viewer.layers.remove("rgb")
+    viewer.add_image(np.zeros((2, 64, 64), np.uint16), name="two")
+    w.image_combo.set_layer(viewer.layers["two"])
+    w.channel_combo.set_value(0)
+    attempt("channel")
+
+
+# ---------------------------------------------------------------- plugin contributions
+
+
+@pytest.fixture
+def plugin_viewer(npe2pm, make_napari_viewer):
+    """A viewer with the repo's manifest registered (in npe2's test plugin manager)."""
+    with npe2pm.tmp_plugin(manifest=str(ROOT / "napari.yaml")):
+        yield make_napari_viewer()
+
+
+def test_manifest_is_valid_and_imports():
+    import npe2
+
+    manifest = npe2.PluginManifest.from_file(ROOT / "napari.yaml")
+    manifest.validate_imports()
+    assert {w.display_name for w in manifest.contributions.widgets} == \
+        {"Annotate", "Train", "Segment"}
+
+
+def test_plugin_widgets_reader_and_writer(plugin_viewer, notes, tmp_path):
+    viewer = plugin_viewer
+    from napari_unet.model import save_model
+
+    _, sw = viewer.window.add_plugin_dock_widget("napari-unet", "Segment")
+    assert isinstance(sw, SegmentWidget)
+    path = save_model(_tiny(), tmp_path / "mine.safetensors")
+    assert viewer.open(str(path), plugin="napari-unet") == []
+    assert sw.model_picker.label() == "file: mine.safetensors"
+    assert any("mine.safetensors" in m for level, m in notes if level == "info")
+    if HAS_IO:
+        from napari_unet import io
+
+        labels = viewer.add_labels(np.arange(64, dtype=np.int32).reshape(8, 8), name="lab")
+        out = tmp_path / "lab.tif"
+        viewer.layers.selection.active = labels
+        written = viewer.layers.save(str(out), selected=True, plugin="napari-unet")
+        assert written == [str(out)]
+        assert np.array_equal(np.asarray(io.read_image(out)), labels.data)
+
+
+@pytest.mark.skipif(not HAS_SAMPLE, reason="sample data not bundled yet")
+def test_sample_data_and_demo_viewer(plugin_viewer, notes):
+    viewer = plugin_viewer
+    from napari_unet._widgets.demo import open_demo_viewer
+
+    viewer.open_sample("napari-unet", "nuclei")
+    assert [lay.name for lay in viewer.layers] == ["nuclei", "nuclei annotation"]
+    ann = viewer.layers["nuclei annotation"]
+    assert ann.data.shape == viewer.layers["nuclei"].data.shape == (256, 256)
+    assert count_annotation(ann.data)[0] >= 5
+    viewer.layers.clear()
+    widgets = open_demo_viewer(viewer).widgets
+    assert set(widgets) == {"Annotate", "Train", "Segment"}
+    assert widgets["Annotate"].annotation_layer() is viewer.layers["nuclei annotation"]
+    assert widgets["Train"].checked_pairs() == [(viewer.layers["nuclei"],
+                                                 viewer.layers["nuclei annotation"])]
+    assert not _errors(notes)
