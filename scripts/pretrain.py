@@ -57,11 +57,11 @@ def main() -> None:
 
     train, val = [], {}
     for name, frac in TRAIN_SETS.items():
-        tr, va = split(load_dataset(name), frac, seed=args.seed)
+        tr, va = split(load_dataset(name, invert_bright=False), frac, seed=args.seed)
         train += tr
         val[name] = va
     for name in EVAL_ONLY:
-        val[name] = load_dataset(name)
+        val[name] = load_dataset(name, invert_bright=False)
     pairs = [TrainingPair(s.image, instances_to_annotation(s.labels), name=s.name) for s in train]
     config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, tile=args.tile,
                          device=args.device, freeze_norm=False, cosine=True, seed=args.seed,

@@ -2,8 +2,8 @@ import time
 
 import numpy as np
 import torch
-from _synthetic import touching_disks
 
+from _synthetic import touching_disks
 from napari_unet.augment import AugmentConfig, augment_batch, elastic_deform, elastic_grid
 from napari_unet.targets import IGNORE_INDEX
 

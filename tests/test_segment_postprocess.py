@@ -2,8 +2,8 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from _synthetic import touching_disks
 
+from _synthetic import touching_disks
 from napari_unet.model import ModelFileError
 from napari_unet.postprocess import PostprocessConfig, instances_from_probs, labels_from_probs
 from napari_unet.segment import InferenceConfig, Predictor, segment, segment_image
@@ -47,9 +47,8 @@ def test_min_size_hole_filling_and_semantic():
 
 @pytest.fixture(scope="module")
 def model():
-    from test_train import _config, _small_model
-
     from napari_unet.train import Trainer, TrainingPair
+    from test_train import _config, _small_model
 
     image, labels = touching_disks((192, 192))
     from napari_unet.targets import instances_to_annotation

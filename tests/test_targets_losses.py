@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from _synthetic import sparse_annotation, touching_disks
 
+from _synthetic import sparse_annotation, touching_disks
 from napari_unet.losses import weighted_cross_entropy
 from napari_unet.targets import (
     BG,

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from _synthetic import sparse_annotation, touching_disks
 
+from _synthetic import sparse_annotation, touching_disks
 from napari_unet.augment import AugmentConfig
 from napari_unet.model import ModelConfig, ModelFileError, UNet, load_model
 from napari_unet.segment import segment
