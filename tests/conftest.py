@@ -1,4 +1,4 @@
-"""Shared fixtures: the public data folder (skips when absent) and a seeded RNG."""
+"""Shared fixtures: the public data folder (skips when absent), a seeded RNG, one torch thread."""
 
 from __future__ import annotations
 
@@ -22,3 +22,16 @@ def shared_data() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests with one torch thread: on a busy shared CPU multi-threaded
+    kernels stall waiting for each other (10x slower); one thread keeps run times
+    predictable."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,9 +18,12 @@ from tqdm import tqdm
 
 from . import io
 from .augment import AugmentConfig
+from .device import select_device
+from .distributed import BatchError, Job, StitchSettings, local_client, segment_batch
 from .model import UNet, load_model, save_model
 from .postprocess import PostprocessConfig
-from .segment import InferenceConfig, Predictor, output_shape, segment_image
+from .segment import InferenceConfig
+from .stitch import METRICS
 from .train import TrainConfig, Trainer, pairs_from_arrays
 
 
@@ -34,7 +37,8 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--channel-axis", type=int, default=None,
-                   help="axis of the input holding channels (default: no channel axis)")
+                   help="axis of the input holding channels (default: the 'c' axis recorded "
+                   "in OME-Zarr / OME-TIFF / ImageJ files, else none)")
 
 
 def _inference_config(args: argparse.Namespace) -> InferenceConfig:
@@ -60,42 +64,83 @@ def _run_with_bar(gen, total: float, desc: str, unit: str = "plane"):
             bar.update(done - bar.n)
 
 
-def _output_path(out: Path, src: Path, many: bool) -> Path:
-    if not many:
-        return out
-    stem = src.name.split(".")[0]
-    return out / f"{stem}_labels.tif"
+def _segment_jobs(args: argparse.Namespace) -> list[Job]:
+    """Pair each input with its output: the -o path, a file in the -o folder, or the input's
+    own OME-Zarr labels when -o is left out."""
+    if args.output is None:
+        return [Job(src, None, args.label_name) for src in args.inputs]
+    if len(args.inputs) == 1:
+        return [Job(args.inputs[0], args.output, args.label_name)]
+    if args.output.suffix.lower() in (".zarr", *io.TIFF_SUFFIXES):
+        raise SystemExit(f"several inputs need a folder as -o, not {args.output}")
+    args.output.mkdir(parents=True, exist_ok=True)
+    return [Job(src, args.output / f"{src.name.split('.')[0]}_labels.{args.format}",
+                args.label_name) for src in args.inputs]
+
+
+def _stitch_settings(args: argparse.Namespace) -> StitchSettings | None:
+    if not args.stitch_3d:
+        return None
+    return StitchSettings(axis=args.stack_axis, threshold=args.stitch_threshold,
+                          metric=args.stitch_metric,
+                          split_ratio=args.stitch_split if args.stitch_split > 0 else None,
+                          anisotropy=args.anisotropy)
+
+
+def _segment_client(args: argparse.Namespace):
+    """The dask client asked for on the command line, or None to work in this process."""
+    if not (args.dask_scheduler or args.workers > 0):
+        return None
+    try:
+        from distributed import Client
+    except ImportError as exc:
+        raise SystemExit("--workers and --dask-scheduler need dask.distributed: "
+                         "pip install 'napari-unet[distributed]'") from exc
+    return Client(args.dask_scheduler) if args.dask_scheduler else local_client(args.workers)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
-    predictor = Predictor(model, _inference_config(args))
-    post = _postprocess_config(args)
-    many = len(args.inputs) > 1
-    if many:
-        args.output.mkdir(parents=True, exist_ok=True)
-    for src in args.inputs:
-        image = io.read_image(src)
-        dst = _output_path(args.output, src, many)
-        shape = output_shape(tuple(image.shape), args.channel_axis)
-        if dst.suffix == ".zarr":
-            # Written plane by plane: the labels of a huge stack never sit in memory.
-            out = io.create_label_store(dst, shape, np.int32, overwrite=args.overwrite)
-        else:
-            if dst.exists() and not args.overwrite:
-                raise FileExistsError(f"{dst} exists; pass --overwrite or pick another name")
-            out = np.zeros(shape, np.int32)
-        t0 = time.perf_counter()
-        gen = segment_image(image, predictor, channel_axis=args.channel_axis,
-                            postprocess=post, out=out)
-        n_planes = int(np.prod(shape[:-2], dtype=np.int64))
-        _run_with_bar(gen, n_planes, src.name)
-        if dst.suffix != ".zarr":
-            io.write_labels(dst, out, overwrite=args.overwrite)
-        dt = time.perf_counter() - t0
-        mpix = np.prod(shape, dtype=np.float64) / 1e6
-        print(f"{src} -> {dst}: shape {shape}, {mpix / dt:.2f} megapixels/s on "
-              f"{predictor.device}")
+    jobs = _segment_jobs(args)
+    client = _segment_client(args)
+    gen = segment_batch(
+        jobs, model_path=args.model, inference=_inference_config(args),
+        postprocess=_postprocess_config(args),
+        channel_axis="auto" if args.channel_axis is None else args.channel_axis,
+        stitch=_stitch_settings(args), client=client, retries=args.retries,
+        overwrite=args.overwrite,
+    )
+    try:
+        # Planes are read, segmented and written one at a time (on the workers, if any):
+        # memory stays bounded by a few planes however large the inputs.
+        with tqdm(total=None, desc="segment", unit="plane", disable=None) as bar:
+            while True:
+                try:
+                    p = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                if bar.total != p.planes_total:
+                    bar.total = p.planes_total
+                bar.update(p.planes_done + p.plane_fraction - bar.n)
+                if p.message:
+                    bar.write(p.message)
+        where = (f"{len(client.scheduler_info()['workers'])} dask worker(s)" if client
+                 else f"{select_device(args.device)} in this process")
+    except KeyboardInterrupt:
+        gen.close()  # cancels the queued planes
+        print("interrupted: finished planes are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    except BatchError as exc:
+        print(f"napari-unet segment: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    print(f"{result.planes_computed} plane(s) segmented, {result.planes_skipped} already done",
+          end="")
+    print(f"; {result.megapixels_per_s:.2f} megapixels/s on {where}"
+          if result.planes_computed else "")
     return 0
 
 
@@ -175,15 +220,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-unet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("segment", help="segment TIFF/Zarr images into instance labels")
-    p.add_argument("inputs", nargs="+", type=Path, help="image files (TIFF, PNG, Zarr)")
-    p.add_argument("-o", "--output", type=Path, required=True,
-                   help="label file (.tif or .zarr), or a folder when several inputs")
+    p = sub.add_parser(
+        "segment", help="segment TIFF/Zarr/OME-Zarr images into instance labels",
+        description="Segment images plane by plane, in this process or on a dask cluster. "
+        "An interrupted run resumes: run the same command again.")
+    p.add_argument("inputs", nargs="+", type=Path, help="images (TIFF, PNG, Zarr, OME-Zarr)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="label file (.tif or .zarr), or a folder when several inputs; "
+                   "default: into each OME-Zarr input as labels/<label-name>")
+    p.add_argument("--format", choices=["tif", "zarr"], default="tif",
+                   help="file type written into the -o folder for several inputs")
+    p.add_argument("--label-name", default="segmentation",
+                   help="name of the labels written into an OME-Zarr input")
     _add_inference_args(p)
     p.add_argument("--min-size", type=int, default=PostprocessConfig().min_size)
     p.add_argument("--semantic", action="store_true",
                    help="write classes (0 bg, 1 interior, 2 boundary) instead of instances")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo and replace existing outputs (default: skip complete outputs, "
+                   "resume interrupted ones)")
+    g = p.add_argument_group("parallel / distributed (needs the 'distributed' package)")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=0,
+                       help="segment on a new local dask cluster of N worker processes, one "
+                       "plane at a time each (default 0: in this process)")
+    where.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
+                       help="segment on a running dask.distributed cluster (e.g. "
+                       "tcp://host:8786); workers need the inputs, outputs and model at the "
+                       "same paths")
+    g.add_argument("--retries", type=int, default=2, help="extra attempts for a failed plane")
+    st = StitchSettings()
+    g = p.add_argument_group("3D stitching")
+    g.add_argument("--stitch-3d", action="store_true",
+                   help="link per-plane instances into 3D objects along the stack axis")
+    g.add_argument("--stack-axis", type=int, default=None,
+                   help="input axis to stitch along (default: the 'z' axis recorded in the "
+                   "file, else axis 0)")
+    g.add_argument("--stitch-threshold", type=float, default=st.threshold,
+                   help="minimum overlap of objects in neighbouring planes to link them")
+    g.add_argument("--stitch-metric", choices=list(METRICS), default=st.metric,
+                   help="overlap: intersection / smaller object; iou: intersection / union")
+    g.add_argument("--stitch-split", type=float, default=st.split_ratio,
+                   help="cut an object where its area dips below this fraction of its "
+                   "largest area on both sides (0: never)")
+    g.add_argument("--anisotropy", type=float, default=st.anisotropy,
+                   help="voxel depth / pixel size, recorded with zarr output")
     p.set_defaults(func=cmd_segment)
 
     d = TrainConfig()
