@@ -1,0 +1,373 @@
+"""Accuracy with few labels: fine-tuning the bundled U-Net vs four comparators.
+
+For each data set one training image gets a scripted sparse annotation (``k`` whole cells,
+a background ring 2-5 px outside each, 5 background strokes; see
+``_common.scripted_annotation``) and every method is scored (instance AP@0.5 and foreground
+pixel IoU, mean over images) on other images of the set:
+
+- ``pretrained``: the bundled model, no training;
+- ``fine-tune``: the bundled model fine-tuned (default ``TrainConfig``) on the sparse labels;
+- ``scratch``: ``UNet(ModelConfig())`` trained on the same labels, ``freeze_norm=False``,
+  ``lr=2e-3``;
+- ``rf-cc`` / ``rf-ws``: scikit-image's trainable segmentation (the ilastik-style peer):
+  ``multiscale_basic_features`` (intensity, edges, texture; sigma 1-16) on the normalised
+  image + ``fit_segmenter`` with a ``RandomForestClassifier`` (50 trees, depth 10) on the
+  same labels, classes background vs cell; instances are the 4-connected components of the
+  cell class (``cc``) or a watershed of the distance transform from its h-maxima, h = 2 px
+  (``ws``), objects < 16 px dropped and holes filled in both;
+- ``all-labels``: upper bound, the bundled model fine-tuned on the full ground truth of the
+  training image (``targets.instances_to_annotation``).
+
+Training runs have CPU time budgets: one run per method and ``k`` is evaluated at each
+budget in ``--budgets`` (checkpoints; the evaluation time is excluded from the budget and
+Trainer set-up is included). With the default constant learning rate a run observed at 20 s
+is the run a 20 s budget would give. Pretraining used the train splits of dsb2018_nuclei and
+isbi2012_em: there the training image comes from that split and the evaluation images from
+the held-out validation split (see the model's provenance); gowt1_nuclei and nih3t3_nuclei
+were unseen, so the first image is the training image and evaluation uses the others.
+Evaluation is capped (``--eval-images`` images, centre crops of ``--eval-crop``) to keep the
+run time sane.
+
+    python benchmarks/bench_fewlabels.py [--quick | --smoke | --full] [--datasets ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from _common import (
+    NoiseMonitor,
+    base_parser,
+    emit,
+    fmt,
+    machine_info,
+    mode_of,
+    out_path,
+    pick,
+    scripted_annotation,
+    setup_torch,
+    table,
+    write_json,
+)
+from scipy import ndimage as ndi
+
+from napari_unet.datasets import Sample, load_dataset
+from napari_unet.evaluate import evaluate_many
+from napari_unet.model import ModelConfig, UNet, load_model
+from napari_unet.normalize import normalize
+from napari_unet.postprocess import PostprocessConfig, remove_small
+from napari_unet.segment import InferenceConfig, Predictor, segment_image
+from napari_unet.targets import FIRST_CELL, instances_to_annotation
+from napari_unet.tiling import drain
+from napari_unet.train import TrainConfig, Trainer, TrainingPair
+
+NAME = "bench_fewlabels"
+ALL_DATASETS = ("isbi2012_em", "gowt1_nuclei", "nih3t3_nuclei", "dsb2018_nuclei")
+METHODS = ("pretrained", "fine-tune", "scratch", "rf", "all-labels")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = base_parser(__doc__.split("\n")[0], full=True)
+    p.add_argument("--datasets", nargs="+", default=None, choices=ALL_DATASETS)
+    p.add_argument("--k", type=int, nargs="+", default=None, help="painted cells (5 10 20)")
+    p.add_argument("--budgets", type=float, nargs="+", default=None,
+                   help="training-time checkpoints in seconds (normal 5 10 20; --full 60 120 300)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--eval-images", type=int, default=None, help="evaluation images per set")
+    p.add_argument("--eval-crop", type=int, default=None, help="centre crop of eval images")
+    p.add_argument("--rf-trees", type=int, default=50)
+    p.add_argument("--scratch-lr", type=float, default=2e-3)
+    return p.parse_args(argv)
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def _n_objects(labels: np.ndarray, min_area: int = 30) -> int:
+    return int((np.bincount(labels.ravel())[1:] >= min_area).sum())
+
+
+def _crop(s: Sample, size: int) -> Sample:
+    h, w = s.labels.shape
+    y, x = max((h - size) // 2, 0), max((w - size) // 2, 0)
+    sl = (slice(y, y + size), slice(x, x + size))
+    return dataclasses.replace(s, image=s.image[sl], labels=s.labels[sl])
+
+
+def split(name: str, n_eval: int, crop: int, provenance: dict) -> dict[str, Any]:
+    """Training image and (cropped) evaluation images of one data set, held out if possible."""
+    samples = load_dataset(name)
+    trained = set(provenance.get("trained_on", {}).get(name, []))
+    if trained:
+        pool = [s for s in samples if s.name in trained]
+        evals = [s for s in samples if s.name not in trained]
+        # The most objects: room to pick k = 20 cells.
+        train = max(pool, key=lambda s: (_n_objects(s.labels), s.name))
+        note = ("seen in pretraining: training image from the pretraining split, evaluation "
+                "on held-out validation images")
+    else:
+        train, evals = samples[0], samples[1:]
+        note = "unseen in pretraining: first image for training, the others for evaluation"
+    if len(evals) > n_eval:
+        idx = np.linspace(0, len(evals) - 1, n_eval).round().astype(int)
+        evals = [evals[i] for i in idx]
+    return {"dataset": name, "train": train, "evals": [_crop(s, crop) for s in evals],
+            "note": note, "held_out": not trained}
+
+
+# ---- methods -------------------------------------------------------------------------------
+
+
+def evaluate_model(model: UNet, evals: list[Sample], device: str) -> dict[str, float]:
+    """Mean AP@0.5 and pixel IoU of a U-Net (default inference + post-processing)."""
+    t = time.perf_counter()
+    predictor = Predictor(model, InferenceConfig(device=device))
+    preds = [(s.name, drain(segment_image(s.image, predictor)), s.labels) for s in evals]
+    _, mean = evaluate_many(preds)
+    return {"ap": mean["ap"], "pixel_iou": mean["pixel_iou"],
+            "eval_s": time.perf_counter() - t}
+
+
+def run_budgeted(
+    model: UNet,
+    pairs: list[TrainingPair],
+    config: TrainConfig,
+    budgets: list[float],
+    evaluate: Callable[[UNet], dict[str, float]],
+) -> dict[str, Any]:
+    """Train until the last budget, scoring the model as each budget (training s) passes."""
+    t0 = time.perf_counter()
+    paused = 0.0
+
+    def clock() -> float:
+        return time.perf_counter() - t0 - paused
+
+    trainer = Trainer(model, pairs, config)
+    setup_s = clock()
+    pending = sorted(budgets)
+    points: list[dict[str, Any]] = []
+    error = None
+    try:
+        for _ in trainer.run(cancel=lambda: clock() >= pending[-1] if pending else True):
+            while pending and clock() >= pending[0]:
+                t_eval = time.perf_counter()
+                train_s = clock()
+                scores = evaluate(trainer.model)  # snapshot_every=1: the current weights
+                points.append({"budget_s": pending.pop(0), "train_s": train_s,
+                               "steps": trainer.step} | scores)
+                paused += time.perf_counter() - t_eval
+    except FloatingPointError as exc:
+        error = str(exc)
+    for b in pending:  # diverged or stopped early: score the last good model
+        points.append({"budget_s": b, "train_s": clock(), "steps": trainer.step}
+                      | evaluate(trainer.model))
+    total = clock()
+    return {"points": points, "setup_s": setup_s, "steps": trainer.step,
+            "steps_per_s": trainer.step / max(total - setup_s, 1e-9), "error": error}
+
+
+def _fill_holes(labels: np.ndarray) -> np.ndarray:
+    out = labels.copy()
+    for lab, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is not None:
+            region = out[sl]
+            region[ndi.binary_fill_holes(labels[sl] == lab) & (region == 0)] = lab
+    return out
+
+
+def rf_instances(fg: np.ndarray, min_size: int) -> dict[str, np.ndarray]:
+    """Instances from a foreground mask: 4-connected components, and a distance watershed."""
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    cc = ndi.label(fg)[0]
+    dist = ndi.distance_transform_edt(fg)
+    markers = ndi.label(h_maxima(dist, 2.0))[0] if fg.any() else np.zeros(fg.shape, np.int32)
+    ws = watershed(-dist, markers, mask=fg)
+    return {name: _fill_holes(remove_small(lab.astype(np.int32), min_size))
+            for name, lab in (("rf-cc", cc), ("rf-ws", ws))}
+
+
+def run_rf(train: Sample, ann: np.ndarray, evals: list[Sample], trees: int, seed: int,
+           percentiles: tuple[float, float]) -> dict[str, dict[str, float]]:
+    """scikit-image trainable segmentation (random forest) on the same sparse labels."""
+    from skimage.feature import multiscale_basic_features
+    from skimage.future import fit_segmenter, predict_segmenter
+    from sklearn.ensemble import RandomForestClassifier
+
+    feats = partial(multiscale_basic_features, intensity=True, edges=True, texture=True,
+                    sigma_min=1, sigma_max=16)
+    t = time.perf_counter()
+    features = feats(normalize(train.image, percentiles))
+    classes = np.where(ann >= FIRST_CELL, 2, ann).astype(np.uint8)  # 0 unlabelled, 1 bg, 2 cell
+    clf = RandomForestClassifier(n_estimators=trees, max_depth=10, random_state=seed,
+                                 n_jobs=torch.get_num_threads())
+    clf = fit_segmenter(classes, features, clf)
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    preds: dict[str, list] = {"rf-cc": [], "rf-ws": []}
+    min_size = PostprocessConfig().min_size
+    for s in evals:
+        fg = predict_segmenter(feats(normalize(s.image, percentiles)), clf) == 2
+        for name, lab in rf_instances(fg, min_size).items():
+            preds[name].append((s.name, lab, s.labels))
+    eval_s = (time.perf_counter() - t) / 2
+    out = {}
+    for name, p in preds.items():
+        _, mean = evaluate_many(p)
+        out[name] = {"ap": mean["ap"], "pixel_iou": mean["pixel_iou"], "train_s": train_s,
+                     "eval_s": eval_s}
+    return out
+
+
+# ---- driver --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    mode = mode_of(args)
+    setup_torch(args)
+    t_start = time.perf_counter()
+    datasets = args.datasets or pick(mode, smoke=["gowt1_nuclei"],
+                                     quick=["gowt1_nuclei", "isbi2012_em"],
+                                     normal=list(ALL_DATASETS))
+    ks = args.k or pick(mode, smoke=[5], quick=[5, 20], normal=[5, 10, 20])
+    budgets = sorted(args.budgets or pick(mode, smoke=[1.5], quick=[5, 10], normal=[5, 10, 20],
+                                          full=[60, 120, 300]))
+    n_eval = args.eval_images or pick(mode, smoke=1, quick=3, normal=4, full=6)
+    crop = args.eval_crop or pick(mode, smoke=128, quick=384, normal=640, full=1024)
+    trees = 5 if mode == "smoke" else args.rf_trees
+    bundled = load_model()
+    prov = bundled.config.provenance
+    methods = set(args.methods)
+    print(f"{NAME}: mode={mode} datasets={datasets} k={ks} budgets={budgets} s "
+          f"eval={n_eval} images <= {crop}^2 threads={torch.get_num_threads()} "
+          f"device={args.device}", flush=True)
+
+    def train_cfg(**kw: Any) -> TrainConfig:
+        return dataclasses.replace(TrainConfig(), steps=10**9, snapshot_every=1,
+                                   device=args.device, seed=args.seed, **kw)
+
+    splits, curves, rf_rows, pre_rows = [], [], [], []
+    with NoiseMonitor() as noise:
+        for name in datasets:
+            try:
+                sp = split(name, n_eval, crop, prov)
+            except FileNotFoundError as exc:
+                print(f"  {name}: skipped ({exc})", flush=True)
+                continue
+            train, evals = sp["train"], sp["evals"]
+            splits.append({"dataset": name, "train_image": train.name,
+                           "train_shape": list(train.labels.shape),
+                           "train_objects": _n_objects(train.labels),
+                           "eval_images": [s.name for s in evals],
+                           "eval_shapes": [list(s.labels.shape) for s in evals],
+                           "note": sp["note"], "held_out_from_pretraining": sp["held_out"]})
+            evaluate = partial(evaluate_model, evals=evals, device=args.device)
+            pre = evaluate(bundled)
+            pre_rows.append({"dataset": name} | pre)
+            print(f"  {name}: train {train.name}, eval {len(evals)} images; pretrained AP "
+                  f"{pre['ap']:.3f} IoU {pre['pixel_iou']:.3f}", flush=True)
+            jobs: list[tuple[str, int | None, np.ndarray]] = []
+            for k in ks:
+                ann = scripted_annotation(train.labels, k, args.seed)
+                for method in ("fine-tune", "scratch"):
+                    if method in methods:
+                        jobs.append((method, k, ann))
+                if "rf" in methods:
+                    for m, r in run_rf(train, ann, evals, trees, args.seed,
+                                       bundled.config.norm_percentiles).items():
+                        rf_rows.append({"dataset": name, "k": k, "method": m} | r)
+                        print(f"    k={k} {m}: AP {r['ap']:.3f} IoU {r['pixel_iou']:.3f}",
+                              flush=True)
+            if "all-labels" in methods:
+                jobs.append(("all-labels", None, instances_to_annotation(train.labels)))
+            for method, k, ann in jobs:
+                pairs = [TrainingPair(train.image, ann, name=f"{name}/{train.name}")]
+                if method == "scratch":
+                    torch.manual_seed(args.seed)
+                    model = UNet(ModelConfig())
+                    cfg = train_cfg(freeze_norm=False, lr=args.scratch_lr)
+                else:
+                    model, cfg = bundled, train_cfg()
+                res = run_budgeted(model, pairs, cfg, budgets, evaluate)
+                curves.append({"dataset": name, "method": method, "k": k,
+                               "painted_px": int((ann > 0).sum()),
+                               "start_ap": pre["ap"] if method != "scratch" else None,
+                               "start_pixel_iou": pre["pixel_iou"]
+                               if method != "scratch" else None} | res)
+                last = res["points"][-1]
+                print(f"    {method} k={k}: {res['steps']} steps ({res['steps_per_s']:.2f}/s) "
+                      f"AP {last['ap']:.3f} IoU {last['pixel_iou']:.3f} at "
+                      f"{last['train_s']:.0f} s", flush=True)
+
+    summary_ap, summary_iou = _summary_tables(pre_rows, curves, rf_rows, ks, budgets[-1])
+    curve_rows = [{"dataset": c["dataset"], "method": c["method"], "k": c["k"] or "all",
+                   "budget_s": p["budget_s"], "train_s": fmt(p["train_s"], 1),
+                   "steps": p["steps"], "ap": fmt(p["ap"]), "pixel_iou": fmt(p["pixel_iou"])}
+                  for c in curves for p in c["points"]]
+    b = f"{budgets[-1]:g} s"
+    cols = ["dataset", "k", "pretrained", f"fine-tune {b}", f"scratch {b}", "rf-cc", "rf-ws",
+            f"all-labels {b}"]
+    t_ap = table(summary_ap, cols, f"instance AP@0.5 (mean over eval images; training budget {b})")
+    t_iou = table(summary_iou, cols, f"foreground pixel IoU (training budget {b})")
+    t_curve = table(curve_rows, ["dataset", "method", "k", "budget_s", "train_s", "steps", "ap",
+                                 "pixel_iou"], "accuracy at each training-time checkpoint")
+    t_split = table([{k: v for k, v in s.items() if k in ("dataset", "train_image", "train_objects",
+                                                             "note")} | {
+        "n_eval": len(s["eval_images"])} for s in splits],
+        ["dataset", "train_image", "train_objects", "n_eval", "note"], "splits")
+    for t in (t_split, t_ap, t_iou, t_curve):
+        emit(t)
+    payload = {
+        "benchmark": NAME, "mode": mode, "machine": machine_info(args.device),
+        "noise": noise.summary(),
+        "config": {"datasets": datasets, "k": ks, "budgets_s": budgets, "eval_images": n_eval,
+                   "eval_crop": crop, "rf_trees": trees, "scratch_lr": args.scratch_lr,
+                   "methods": sorted(methods),
+                   "annotation": "k whole cells + background ring 2-5 px outside each + 5 "
+                                 "background strokes of 40 px (3 px wide)",
+                   "train_config": {k: v for k, v in dataclasses.asdict(train_cfg()).items()
+                                    if k not in ("augment", "steps")}},
+        "splits": splits, "pretrained": pre_rows, "curves": curves, "rf": rf_rows,
+        "summary_ap": summary_ap, "summary_pixel_iou": summary_iou,
+        "tables": {"splits": t_split, "ap": t_ap, "pixel_iou": t_iou, "curves": t_curve},
+        "wall_s": fmt(time.perf_counter() - t_start, 1),
+    }
+    write_json(out_path(args, NAME), payload)
+    return payload
+
+
+def _summary_tables(pre_rows: list[dict], curves: list[dict], rf_rows: list[dict],
+                    ks: list[int], budget: float) -> tuple[list[dict], list[dict]]:
+    """One row per (data set, k): every method's score at the largest budget."""
+    b = f"{budget:g} s"
+    out: dict[str, list[dict]] = {"ap": [], "pixel_iou": []}
+    for pre in pre_rows:
+        name = pre["dataset"]
+        upper = next((c for c in curves if c["dataset"] == name and c["method"] == "all-labels"),
+                     None)
+        for k in ks:
+            for key, rows in out.items():
+                row: dict[str, Any] = {"dataset": name, "k": k, "pretrained": fmt(pre[key])}
+                for method in ("fine-tune", "scratch"):
+                    c = next((c for c in curves if c["dataset"] == name and c["k"] == k
+                              and c["method"] == method), None)
+                    row[f"{method} {b}"] = fmt(c["points"][-1][key]) if c else None
+                for r in rf_rows:
+                    if r["dataset"] == name and r["k"] == k:
+                        row[r["method"]] = fmt(r[key])
+                row[f"all-labels {b}"] = fmt(upper["points"][-1][key]) if upper else None
+                rows.append(row)
+    return out["ap"], out["pixel_iou"]
+
+
+if __name__ == "__main__":
+    main()

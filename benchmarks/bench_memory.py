@@ -1,0 +1,193 @@
+"""Peak resident memory segmenting a lazily read zarr stack into a zarr label store.
+
+A uint16 stack (planes x size x size, one chunk per plane) is written to disk as zarr; each
+plane count runs in a fresh subprocess that opens it lazily (``io.read_image``), creates an
+on-disk label store (``io.create_label_store``) and runs ``segment_image`` into it. The child
+reports its peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and its RSS after
+imports + model load (the baseline). Flatness = peak(largest) / peak(second largest plane
+count), target <= 1.10; the excess of the largest run over the 1-plane run is compared with
+one "plane set" (input uint16 + normalised float32 + 3 float32 probabilities + int32 labels).
+
+    python benchmarks/bench_memory.py [--quick | --smoke] [--planes 1 5 50] [--size 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import (
+    NoiseMonitor,
+    base_parser,
+    emit,
+    fmt,
+    machine_info,
+    mode_of,
+    nuclei_plane,
+    out_path,
+    pick,
+    setup_torch,
+    table,
+    write_json,
+)
+
+NAME = "bench_memory"
+TARGET_FLATNESS = 1.10
+MB = 2**20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--planes", type=int, nargs="+", default=None,
+                   help="plane counts, one fresh process each (default 1 5 50)")
+    p.add_argument("--size", type=int, default=None,
+                   help="plane side (default 2048; --quick 1024)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the zarr stores go (default: a temporary folder)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _rss_now() -> int:
+    """Current resident set size in bytes (Linux /proc; psutil elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+def _maxrss() -> int:
+    """Peak RSS of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def child(args: argparse.Namespace) -> None:
+    """Segment the first ``n`` planes of the input store into a new label store."""
+    setup_torch(args)
+    from napari_unet.io import create_label_store, read_image
+    from napari_unet.model import load_model
+    from napari_unet.segment import InferenceConfig, Predictor, segment_image
+    from napari_unet.tiling import drain
+
+    predictor = Predictor(load_model(), InferenceConfig(device=args.device))
+    image = read_image(args.input)[: args.n]
+    store = create_label_store(args.output, image.shape, np.uint32)
+    baseline, peak_before = _rss_now(), _maxrss()
+    t = time.perf_counter()
+    drain(segment_image(image, predictor, out=store))
+    wall = time.perf_counter() - t
+    last = np.asarray(store[-1])
+    print(json.dumps({
+        "planes": args.n, "peak_rss": _maxrss(), "baseline_rss": baseline,
+        "peak_before_segment": peak_before, "wall_s": wall,
+        "mp_s": image.size / 1e6 / wall, "objects_last_plane": int(len(np.unique(last)) - 1),
+    }))
+
+
+def make_input(path: Path, planes: int, size: int, seed: int) -> None:
+    """A uint16 zarr stack, one chunk per plane (rolled copies of one realistic plane)."""
+    import zarr
+
+    base = nuclei_plane(size, seed)
+    arr = zarr.create_array(str(path), shape=(planes, size, size), dtype=np.uint16,
+                            chunks=(1, size, size), fill_value=0)
+    for i in range(planes):
+        arr[i] = np.roll(base, (97 * i, 53 * i), axis=(0, 1))
+
+
+def run_child(args: argparse.Namespace, stack: Path, workdir: Path, n: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", "--input", str(stack), "--n", str(n),
+           "--output", str(workdir / f"labels_{n}.zarr"), "--device", args.device,
+           "--threads", str(args.threads), "--seed", str(args.seed)]
+    if args.smoke:
+        cmd.append("--smoke")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"child with {n} planes failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return {}
+    mode = mode_of(args)
+    t_start = time.perf_counter()
+    planes = sorted(set(args.planes or pick(mode, smoke=[1, 2, 4], normal=[1, 5, 50])))
+    size = args.size or pick(mode, smoke=128, quick=1024, normal=2048)
+    setup_torch(args)
+    print(f"{NAME}: mode={mode} planes={planes} size={size}", flush=True)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp, NoiseMonitor() as noise:
+        workdir = Path(tmp)
+        stack = workdir / "stack.zarr"
+        t = time.perf_counter()
+        make_input(stack, max(planes), size, args.seed)
+        print(f"wrote input {max(planes)}x{size}x{size} uint16 zarr in "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
+        runs = []
+        for n in planes:
+            r = run_child(args, stack, workdir, n)
+            print(f"  {n} planes: peak {r['peak_rss'] / MB:.0f} MB, {r['wall_s']:.1f} s",
+                  flush=True)
+            runs.append(r)
+    plane_set = size * size * (2 + 4 + 3 * 4 + 4)
+    rows = [{
+        "planes": r["planes"], "peak_rss_mb": fmt(r["peak_rss"] / MB, 1),
+        "baseline_mb": fmt(r["baseline_rss"] / MB, 1),
+        "working_mb": fmt((r["peak_rss"] - r["baseline_rss"]) / MB, 1),
+        "wall_s": fmt(r["wall_s"], 1), "mp_s": fmt(r["mp_s"], 2),
+        "objects_last_plane": r["objects_last_plane"],
+    } for r in runs]
+    big, mid = runs[-1], runs[-2] if len(runs) > 1 else runs[-1]
+    one = next((r for r in runs if r["planes"] == 1), None)
+    flatness = big["peak_rss"] / mid["peak_rss"]
+    excess = big["peak_rss"] - (one["peak_rss"] if one else big["baseline_rss"])
+    summary = {
+        "flatness": fmt(flatness), "flatness_of": f"{big['planes']}/{mid['planes']} planes",
+        "target_flatness": TARGET_FLATNESS, "met": bool(flatness <= TARGET_FLATNESS),
+        "excess_mb": fmt(excess / MB, 1),
+        "excess_over": "1-plane run" if one else "baseline (imports + model)",
+        "plane_set_mb": fmt(plane_set / MB, 1),
+        "excess_in_plane_sets": fmt(excess / plane_set, 2),
+        "working_in_plane_sets": fmt((big["peak_rss"] - big["baseline_rss"]) / plane_set, 2),
+        "input_gb_largest": fmt(big["planes"] * size * size * 2 / 2**30, 2),
+    }
+    t = table(rows, ["planes", "peak_rss_mb", "baseline_mb", "working_mb", "wall_s", "mp_s"],
+              f"peak RSS segmenting a lazy {size}x{size} uint16 zarr stack into a zarr store "
+              "(fresh process per row)")
+    emit(t)
+    verdict = (f"flatness {summary['flatness_of']}: {summary['flatness']} (target <= "
+               f"{TARGET_FLATNESS}) {'met' if summary['met'] else 'MISSED'}; excess over the "
+               f"{summary['excess_over']}: {summary['excess_mb']} MB = "
+               f"{summary['excess_in_plane_sets']} plane sets of {summary['plane_set_mb']} MB")
+    emit(verdict)
+    payload = {
+        "benchmark": NAME, "mode": mode, "machine": machine_info(args.device),
+        "noise": noise.summary(), "config": {"planes": planes, "size": size, "dtype": "uint16",
+                                             "label_dtype": "uint32"},
+        "runs": rows, "summary": summary, "tables": {"memory": t, "verdict": verdict},
+        "wall_s": fmt(time.perf_counter() - t_start, 1),
+    }
+    write_json(out_path(args, NAME), payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
