@@ -70,12 +70,12 @@ def notes(monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained_model() -> UNet:
-    """A tiny model trained (by the engine) to separate touching disks; ~3 s on a CPU."""
+    """A tiny model trained (by the engine) to separate touching disks; ~7 s on a CPU."""
     image, labels = touching_disks((256, 256), seed=0)
     ann = sparse_annotation(labels, n_cells=12, seed=0)
     torch.manual_seed(0)
     trainer = Trainer(_tiny(), [TrainingPair(image, ann)],
-                      TrainConfig(steps=60, lr=3e-3, batch_size=4, tile=96, freeze_norm=False,
+                      TrainConfig(steps=150, lr=3e-3, batch_size=4, tile=96, freeze_norm=False,
                                   device="cpu", augment=AugmentConfig(elastic_alpha=4)))
     for _ in trainer.run():
         pass
@@ -508,6 +508,72 @@ def test_segment_bad_inputs_notify_and_change_nothing(viewer, notes):
     w.image_combo.set_layer(viewer.layers["two"])
     w.channel_combo.set_value(0)
     attempt("channel")
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images split the pixels into the same objects (ids aside)."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return pairs.shape[1] == len(np.unique(a)) == len(np.unique(b))
+
+
+def test_segment_lazy_multiscale_into_store_with_3d_stitching(viewer, notes, qtbot,
+                                                              trained_model, tmp_path):
+    """A multiscale dask layer is segmented at full resolution into a zarr store, shown as
+    a lazy layer, and the planes' objects are linked into 3D objects."""
+    da = pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    image, truth = _disks((128, 128), seed=3)
+    stack = np.stack([image] * 4)  # the same cells in every plane: one object per column
+    levels = [da.from_array(stack, chunks=(1, 128, 128)), da.from_array(stack[:, ::2, ::2])]
+    viewer.add_image(levels, multiscale=True, name="lazy", scale=(3.0, 1.0, 1.0))
+    w = _segment_widget(viewer, trained_model)
+    w.stitch_combo.setCurrentIndex(1)
+    assert w.stitch_combo.currentData() == 0 and w.anisotropy_spin.value() == 3.0
+    store = tmp_path / "lazy_labels.zarr"
+    w.store_edit.setText(str(store))
+    w.run()
+    _wait_done(qtbot, w)
+    assert not _errors(notes), notes
+    out = c.owned_layer(viewer, "labels", "lazy")
+    assert isinstance(out.data, zarr.Array) and out.data.shape == (4, 128, 128)
+    labels = np.asarray(out.data[:])
+    assert (labels == labels[0]).all()  # one id per cell through all planes
+    assert len(np.unique(labels)) - 1 == _separated(labels[0], truth) >= truth.max() - 1
+    assert zarr.open_array(str(store), mode="r").attrs["stitch"]["anisotropy"] == 3.0
+    assert "3D objects" not in w.status.text() and str(store) in w.status.text()
+
+    # the same image in memory without stitching: the same objects in each plane
+    w.store_edit.setText("")
+    w.stitch_combo.setCurrentIndex(0)
+    w.run()
+    _wait_done(qtbot, w)
+    flat = np.asarray(c.owned_layer(viewer, "labels", "lazy").data)
+    assert isinstance(flat, np.ndarray) and flat.max() == 4 * labels.max()
+    assert all(_same_partition(flat[z], labels[z]) for z in range(4))
+
+
+def test_segment_labels_too_big_for_memory_ask_for_a_store(viewer, notes, tmp_path,
+                                                          monkeypatch):
+    from napari_unet._widgets import segment as seg
+
+    viewer.add_image(np.zeros((3, 64, 64), np.uint16), name="stack")
+    w = _dock(viewer, SegmentWidget(viewer))
+    _select_model(w.model_picker, _tiny())
+    monkeypatch.setattr(seg, "memory_budget", lambda: 1000)
+    assert w.run() is None
+    assert "labels store" in _errors(notes)[-1].lower()
+    # an existing store is only replaced after a yes
+    store = tmp_path / "taken.zarr"
+    store.mkdir()
+    (store / "keep.txt").write_text("user data")
+    w.store_edit.setText(str(store))
+    monkeypatch.setattr(c, "confirm", lambda parent, question: False)
+    assert w.run() is None
+    assert (store / "keep.txt").read_text() == "user data"
+    w.probs_check.setChecked(True)
+    w.store_edit.setText(str(tmp_path / "new.zarr"))
+    assert w.run() is None and "only kept in memory" in _errors(notes)[-1]
+    assert [lay.name for lay in viewer.layers] == ["stack"] and not w.is_running()
 
 
 # ---------------------------------------------------------------- plugin contributions

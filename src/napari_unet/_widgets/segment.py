@@ -3,6 +3,11 @@
 One click with the defaults segments the whole image with the bundled model. The result goes
 into the plugin's own Labels layer "<image> labels" (tagged in ``layer.metadata``), which a
 re-run replaces; a user's layer is never overwritten.
+
+Image layers may be lazy (dask, zarr, multiscale OME-Zarr: the full-resolution level is
+segmented); planes are read one at a time. Labels too large for memory are written plane by
+plane into a zarr store the user picks and shown as a lazy Labels layer. Stacks can be
+stitched into 3D objects along a chosen axis after the per-plane segmentation.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,9 +24,12 @@ from napari.layers import Image
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -28,6 +37,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .. import io
 from ..device import select_device
 from ..model import ModelFileError, UNet, check_channels
 from ..postprocess import PostprocessConfig
@@ -40,9 +50,20 @@ from ..segment import (
     output_shape,
     segment_image,
 )
+from ..stitch import StitchProgress, stitch_planes_iter
 from . import _common as c
 
 WHOLE, CURRENT = "whole image / stack", "current slice"
+NO_STITCH = "no: objects per plane"
+
+
+def memory_budget() -> int:
+    """Bytes of labels the widget holds in memory before it asks for an on-disk store."""
+    try:
+        import psutil  # a napari dependency
+    except ImportError:
+        return 2**31
+    return int(psutil.virtual_memory().available) // 4
 
 
 class PlaneSink:
@@ -71,6 +92,8 @@ class _SegmentJob:
     out: Any
     probabilities: Any
     key: tuple | None
+    store: Path | None = None
+    linking: bool = False  # stitching started: it runs to the end
     stop: bool = False
     last: SegmentProgress | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -79,10 +102,17 @@ class _SegmentJob:
         return self.stop
 
 
-def _segment_job(model: UNet, config: InferenceConfig, image: Any, **kwargs: Any) -> Any:
-    """The worker's generator: put the model on its device, then segment plane by plane."""
+def _segment_job(model: UNet, config: InferenceConfig, image: Any, *,
+                 stitch: dict[str, Any] | None, cancel: Any, **kwargs: Any) -> Any:
+    """The worker's generator: put the model on its device, segment plane by plane, then
+    optionally link the planes' objects into 3D objects (in place)."""
     predictor = Predictor(model, config)
-    return (yield from segment_image(image, predictor, **kwargs))
+    out = yield from segment_image(image, predictor, cancel=cancel, **kwargs)
+    if stitch is not None and not cancel():
+        # Once started, stitching runs to the end: its second pass renumbers the planes in
+        # place, and stopping half-way would leave old and new ids mixed.
+        out = yield from stitch_planes_iter(out, out=out, **stitch)
+    return out
 
 
 class SegmentWidget(QWidget):
@@ -113,6 +143,28 @@ class SegmentWidget(QWidget):
         self.min_size_spin = _spin(0, 1_000_000, p.min_size, 4,
                                    "objects smaller than this (pixels) are dropped")
         self.probs_check = QCheckBox("Also add class probabilities (Image layer)")
+        self.stitch_combo = QComboBox()
+        self.stitch_combo.setToolTip("link each plane's objects to the overlapping objects of "
+                                     "the neighbouring planes along this axis (3D objects)")
+        self.anisotropy_spin = QDoubleSpinBox()
+        self.anisotropy_spin.setRange(0.01, 1000.0)
+        self.anisotropy_spin.setDecimals(3)
+        self.anisotropy_spin.setToolTip("voxel depth along the stitching axis / pixel size "
+                                        "(from the layer's scale); recorded with the labels")
+        self.store_edit = QLineEdit()
+        self.store_edit.setPlaceholderText("in memory")
+        self.store_edit.setToolTip("a .zarr folder to write the labels into plane by plane, "
+                                   "for stacks whose labels do not fit in memory; shown as a "
+                                   "lazy Labels layer")
+        store_button = QPushButton("…")
+        store_button.setMaximumWidth(32)
+        store_button.clicked.connect(self._ask_store)
+        store_row = QHBoxLayout()
+        store_row.setContentsMargins(0, 0, 0, 0)
+        store_row.addWidget(self.store_edit)
+        store_row.addWidget(store_button)
+        self.store_box = QWidget()
+        self.store_box.setLayout(store_row)
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
@@ -125,6 +177,9 @@ class SegmentWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Output", self.mode_combo)
         form.addRow("Min size", self.min_size_spin)
+        form.addRow("3D objects", self.stitch_combo)
+        form.addRow("Anisotropy", self.anisotropy_spin)
+        form.addRow("Labels store", self.store_box)
         form.addRow(self.probs_check)
 
         self.run_button = QPushButton("Segment")
@@ -148,9 +203,9 @@ class SegmentWidget(QWidget):
 
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.channel_combo.currentIndexChanged.connect(self._on_channel_changed)
-        self.mode_combo.currentIndexChanged.connect(
-            lambda *_: self.min_size_spin.setEnabled(self.mode_combo.currentText()
-                                                     == "instances"))
+        self.mode_combo.currentIndexChanged.connect(self._update_scope)
+        self.scope_combo.currentIndexChanged.connect(self._update_scope)
+        self.stitch_combo.currentIndexChanged.connect(self._update_anisotropy)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.destroyed.connect(functools.partial(_stop_live, self._live))
@@ -170,11 +225,44 @@ class SegmentWidget(QWidget):
             c.remember_channel_axis(image, self.channel_combo.value())
         self._update_scope()
 
-    def _update_scope(self) -> None:
+    def _update_scope(self, *_: Any) -> None:
         image = self.image_combo.layer()
-        stack = image is not None and not image.rgb and \
-            len(c.label_shape(image, self.channel_combo.value())) > 2
+        shape = () if image is None or image.rgb else \
+            c.label_shape(image, self.channel_combo.value())
+        stack = len(shape) > 2
         self.scope_combo.setEnabled(stack)
+        whole = not stack or self.scope_combo.currentText() == WHOLE
+        instances = self.mode_combo.currentText() == "instances"
+        self.min_size_spin.setEnabled(instances)
+        # The stitching axis is a leading axis of the labels; default: the one just before
+        # Y (Z of a ZYX or TZYX stack).
+        previous = self.stitch_combo.currentData()
+        self.stitch_combo.blockSignals(True)
+        self.stitch_combo.clear()
+        self.stitch_combo.addItem(NO_STITCH, None)
+        for axis in range(len(shape) - 2):
+            self.stitch_combo.addItem(f"link planes along axis {axis} ({shape[axis]})", axis)
+        if previous is not None and previous < len(shape) - 2:
+            self.stitch_combo.setCurrentIndex(previous + 1)
+        self.stitch_combo.blockSignals(False)
+        self.stitch_combo.setEnabled(stack and whole and instances)
+        self.store_box.setEnabled(whole)
+        self._update_anisotropy()
+
+    def _update_anisotropy(self, *_: Any) -> None:
+        image, axis = self.image_combo.layer(), self.stitch_combo.currentData()
+        self.anisotropy_spin.setEnabled(axis is not None and self.stitch_combo.isEnabled())
+        if image is None or axis is None:
+            return
+        ndim = len(c.label_shape(image, self.channel_combo.value()))
+        scale, _ = c.spatial_transform(image, self.channel_combo.value(), ndim)
+        self.anisotropy_spin.setValue(float(scale[axis]) / float(scale[-1]))
+
+    def _ask_store(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Write the labels into a zarr store", "",
+                                              "Zarr store (*.zarr)")
+        if path:
+            self.store_edit.setText(path if path.endswith(".zarr") else f"{path}.zarr")
 
     def is_running(self) -> bool:
         return self.worker is not None
@@ -219,16 +307,24 @@ class SegmentWidget(QWidget):
             self.scope_combo.currentText() == CURRENT else WHOLE
         want_probs = self.probs_check.isChecked()
         n_classes = model.config.n_classes
+        stitch_axis = self.stitch_combo.currentData() if self.stitch_combo.isEnabled() else None
+        stitch = None if stitch_axis is None else {
+            "axis": stitch_axis, "anisotropy": self.anisotropy_spin.value()}
+        store = Path(self.store_edit.text()).expanduser() \
+            if scope == WHOLE and self.store_edit.text().strip() else None
         if scope == CURRENT:
             key = c.plane_key(self.viewer, image, axis)
             out, probs, planes = PlaneSink(), PlaneSink() if want_probs else None, [key]
         else:
             key, planes = None, None
-            out = np.zeros(out_shape, np.int32)
+            out = self._whole_output(image.name, out_shape, store, want_probs, n_classes)
+            if out is None:
+                return None
             probs = np.zeros((n_classes, *out_shape), np.float32) if want_probs else None
-        self.job = job = _SegmentJob(image.name, axis, scope, out, probs, key)
+        self.job = job = _SegmentJob(image.name, axis, scope, out, probs, key, store=store)
         gen = _segment_job(model, config, data, channel_axis=axis, postprocess=post, out=out,
-                           probabilities_out=probs, planes=planes, cancel=job.cancel)
+                           probabilities_out=probs, planes=planes, cancel=job.cancel,
+                           stitch=stitch)
         worker = c.make_worker(gen, yielded=self._on_progress, returned=self._on_returned,
                                errored=self._on_error, finished=self._on_finished)
         self.worker = worker
@@ -240,6 +336,37 @@ class SegmentWidget(QWidget):
         worker.start()
         return worker
 
+    def _whole_output(self, image_name: str, shape: tuple[int, ...], store: Path | None,
+                      want_probs: bool, n_classes: int) -> Any:
+        """The array the whole image's labels go into: in memory, or the chosen zarr store
+        (None, after a notification, when neither works)."""
+        need = int(np.prod(shape, dtype=np.int64)) * (4 + 4 * n_classes * want_probs)
+        if store is None:
+            if need > memory_budget():
+                c.notify_error(
+                    f"the labels of {image_name!r} (shape {shape}) need {need / 2**30:.1f} "
+                    "GiB, more than a quarter of the free memory: pick a .zarr folder under "
+                    "'Labels store' to write them to disk plane by plane"
+                    + (" (without class probabilities)" if want_probs else ""))
+                return None
+            return np.zeros(shape, np.int32)
+        if want_probs:
+            c.notify_error("class probabilities are only kept in memory: untick them to "
+                           "write the labels into a store")
+            return None
+        if store.suffix.lower() != ".zarr":
+            c.notify_error(f"the labels store must be a folder ending in .zarr, not {store}")
+            return None
+        overwrite = store.exists()
+        if overwrite and not c.confirm(self, f"{store} exists. Replace it?"):
+            c.notify_warning(f"{store} exists: pick another labels store")
+            return None
+        try:
+            return io.create_label_store(store, shape, np.int32, overwrite=overwrite)
+        except (OSError, ValueError, FileExistsError) as exc:
+            c.notify_error(f"cannot create the labels store {store}: {exc}")
+            return None
+
     def cancel(self) -> None:
         """Stop after the current tile; planes already done are kept."""
         if self.job is not None:
@@ -248,7 +375,14 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------ worker signals
 
-    def _on_progress(self, p: SegmentProgress) -> None:
+    def _on_progress(self, p: SegmentProgress | StitchProgress) -> None:
+        if isinstance(p, StitchProgress):
+            if self.job is not None:
+                self.job.linking = True
+            self.progress.setValue(int(round(1000 * p.fraction)))
+            self.status.setText(f"linking planes into 3D objects: {p.step}/{p.total} "
+                                "plane reads (runs to the end once started)")
+            return
         if self.job is not None:
             self.job.last = p
         self.progress.setValue(int(round(1000 * p.fraction)))
@@ -280,12 +414,19 @@ class SegmentWidget(QWidget):
         elapsed = time.perf_counter() - job.started
         done = job.last.plane + 1 if job.last else 0
         n = job.last.n_planes if job.last else 0
-        prefix = f"cancelled after {done - 1} of {n} plane(s); kept those" if job.stop \
+        cancelled = job.stop and not job.linking
+        prefix = f"cancelled after {done - 1} of {n} plane(s); kept those" if cancelled \
             else f"done in {c.format_seconds(elapsed)}"
-        n_obj = int(np.asarray(labels).max()) if np.asarray(labels).size else 0
-        what = "cells" if self.mode_combo.currentText() == "instances" else "max class"
-        self.status.setText(f"{prefix}: {layer.name!r} ({what}: {n_obj})")
-        if not job.stop:
+        if job.store is not None:
+            # Counting would read the whole store back: just say where the labels are.
+            detail = f"written to {job.store}"
+        else:
+            top = int(labels.max()) if labels.size else 0
+            what = "3D objects" if job.linking else \
+                "cells" if self.mode_combo.currentText() == "instances" else "max class"
+            detail = f"{what}: {top}"
+        self.status.setText(f"{prefix}: {layer.name!r} ({detail})")
+        if not cancelled:
             self.progress.setValue(1000)
 
     def _merge_plane(self, image: Any, job: _SegmentJob) -> tuple[Any, Any]:
