@@ -27,7 +27,7 @@ from napari_unet.model import ModelConfig, UNet, save_model
 from napari_unet.segment import InferenceConfig, Predictor, segment_image
 from napari_unet.targets import instances_to_annotation
 from napari_unet.tiling import drain
-from napari_unet.train import TrainConfig, Trainer, TrainingPair
+from napari_unet.train import Trainer, TrainingPair, train_config
 
 TRAIN_SETS = {"dsb2018_nuclei": 0.2, "isbi2012_em": 0.2}
 EVAL_ONLY = ("gowt1_nuclei", "nih3t3_nuclei")
@@ -63,9 +63,9 @@ def main() -> None:
     for name in EVAL_ONLY:
         val[name] = load_dataset(name, invert_bright=False)
     pairs = [TrainingPair(s.image, instances_to_annotation(s.labels), name=s.name) for s in train]
-    config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, tile=args.tile,
-                         device=args.device, freeze_norm=False, cosine=True, seed=args.seed,
-                         snapshot_every=100)
+    config = train_config(True, steps=args.steps, lr=args.lr, batch_size=args.batch,
+                          tile=args.tile, device=args.device, cosine=True, seed=args.seed,
+                          snapshot_every=100)
     model = UNet(ModelConfig(depth=args.depth, base_channels=args.base))
     trainer = Trainer(model, pairs, config)
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from napari_unet.segment import segment
 from napari_unet.stitch import stitch_planes
 from napari_unet.targets import instances_to_annotation
 from napari_unet.tiling import drain
-from napari_unet.train import TrainConfig, Trainer, TrainingPair
+from napari_unet.train import Trainer, TrainingPair, train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,8 +41,8 @@ def make_tiny_model(path: Path) -> Path:
     image, labels = touching_disks((128, 128))
     trainer = Trainer(UNet(ModelConfig(depth=3, base_channels=8)),
                       [TrainingPair(image, instances_to_annotation(labels))],
-                      TrainConfig(steps=40, lr=3e-3, batch_size=4, tile=96, freeze_norm=False,
-                                  device="cpu", augment=AugmentConfig(elastic_alpha=0)))
+                      train_config(True, steps=40, lr=3e-3, batch_size=4, tile=96,
+                                   device="cpu", augment=AugmentConfig(elastic_alpha=0)))
     drain(trainer.run())
     return save_model(trainer.model, path)
 

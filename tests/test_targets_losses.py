@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from _synthetic import sparse_annotation, touching_disks
-from napari_unet.losses import weighted_cross_entropy
+from napari_unet.losses import prior_consistency, weighted_cross_entropy
 from napari_unet.targets import (
     BG,
     BOUNDARY,
@@ -91,3 +91,18 @@ def test_loss_weights_and_empty_batch():
     assert w_heavy > w_even  # the misclassified pixel counts more
     empty = torch.full((1, 2, 2), IGNORE_INDEX)
     assert weighted_cross_entropy(logits, empty, torch.ones(1, 2, 2)).item() == 0.0
+
+
+def test_prior_consistency_acts_on_unannotated_pixels_only():
+    torch.manual_seed(0)
+    prior = torch.randn(2, 3, 8, 8)
+    target = torch.full((2, 8, 8), IGNORE_INDEX)
+    target[:, :4] = BG
+    assert float(prior_consistency(prior.clone(), prior, target)) == pytest.approx(0, abs=1e-6)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = prior_consistency(logits, prior, target)
+    assert loss.item() > 0
+    loss.backward()
+    assert (logits.grad[:, :, :4] == 0).all() and (logits.grad[:, :, 4:] != 0).any()
+    full = torch.zeros((2, 8, 8), dtype=torch.long)
+    assert float(prior_consistency(logits, prior, full)) == 0

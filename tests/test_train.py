@@ -5,8 +5,9 @@ import torch
 from _synthetic import sparse_annotation, touching_disks
 from napari_unet.augment import AugmentConfig
 from napari_unet.model import ModelConfig, ModelFileError, UNet, load_model
+from napari_unet.normalize import normalize
 from napari_unet.segment import segment
-from napari_unet.train import TrainConfig, Trainer, TrainingPair, train
+from napari_unet.train import TrainConfig, Trainer, TrainingPair, train, train_config
 
 
 def _small_model():
@@ -15,9 +16,10 @@ def _small_model():
 
 
 def _config(**kw):
-    base = dict(steps=120, lr=3e-3, batch_size=4, tile=96, freeze_norm=False, device="cpu",
+    """From-scratch settings for the small test model."""
+    base = dict(steps=120, lr=3e-3, batch_size=4, tile=96, device="cpu",
                 augment=AugmentConfig(elastic_alpha=4))
-    return TrainConfig(**(base | kw))
+    return train_config(True, **(base | kw))
 
 
 def _ap(pred, gt):
@@ -122,3 +124,38 @@ def test_train_wrapper_returns_model():
         except StopIteration as stop:
             assert isinstance(stop.value, UNet)
             break
+
+
+def test_from_scratch_settings_drop_what_a_new_model_lacks():
+    assert TrainConfig().freeze_norm and TrainConfig().keep_prior > 0
+    cfg = train_config(True, steps=5)
+    assert not cfg.freeze_norm and cfg.keep_prior == 0 and cfg.steps == 5
+    assert train_config(False) == TrainConfig()
+
+
+def test_keep_prior_holds_unannotated_pixels_near_the_starting_model(trained):
+    """Fine-tuning on a patch of background only: without the prior term the model forgets
+    the cells elsewhere in the image; with it, it stays close to where it started."""
+    start = trained[0].model
+    image, labels = touching_disks((256, 256), seed=0)
+    ann = np.zeros(labels.shape, np.uint16)
+    ann[:40, :40] = 1  # a corner of background ...
+    k = labels[128, :].max() or 1
+    ann[labels == k] = 2  # ... and one cell, as the trainer requires
+
+    def drift(keep_prior: float) -> float:
+        cfg = TrainConfig(steps=40, lr=3e-3, batch_size=4, tile=96, device="cpu",
+                          freeze_norm=True, keep_prior=keep_prior,
+                          augment=AugmentConfig(elastic_alpha=0))
+        trainer = Trainer(start, [TrainingPair(image, ann)], cfg)
+        for _ in trainer.run():
+            pass
+        x = torch.from_numpy(normalize(image[None], start.config.norm_percentiles))[None]
+        with torch.no_grad():
+            p0 = torch.softmax(start.eval()(x), 1)
+            p1 = torch.softmax(trainer.model.eval()(x), 1)
+        far = torch.from_numpy(ann == 0)
+        return float((p1 - p0).abs().sum(1)[0][far].mean())
+
+    free, held = drift(0.0), drift(1.0)
+    assert held < 0.5 * free, (held, free)

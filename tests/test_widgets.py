@@ -33,7 +33,7 @@ from napari_unet._widgets import _common as c  # noqa: E402
 from napari_unet._widgets.annotate import count_annotation  # noqa: E402
 from napari_unet.augment import AugmentConfig  # noqa: E402
 from napari_unet.model import ModelConfig, UNet, bundled_model_path, load_model  # noqa: E402
-from napari_unet.train import TrainConfig, Trainer, TrainingPair  # noqa: E402
+from napari_unet.train import Trainer, TrainingPair, train_config  # noqa: E402
 
 pytestmark = pytest.mark.widgets
 
@@ -75,8 +75,8 @@ def trained_model() -> UNet:
     ann = sparse_annotation(labels, n_cells=12, seed=0)
     torch.manual_seed(0)
     trainer = Trainer(_tiny(), [TrainingPair(image, ann)],
-                      TrainConfig(steps=150, lr=3e-3, batch_size=4, tile=96, freeze_norm=False,
-                                  device="cpu", augment=AugmentConfig(elastic_alpha=4)))
+                      train_config(True, steps=150, lr=3e-3, batch_size=4, tile=96,
+                                   device="cpu", augment=AugmentConfig(elastic_alpha=4)))
     for _ in trainer.run():
         pass
     return trainer.model

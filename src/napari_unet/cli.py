@@ -24,7 +24,7 @@ from .model import UNet, load_model, save_model
 from .postprocess import PostprocessConfig
 from .segment import InferenceConfig
 from .stitch import METRICS
-from .train import TrainConfig, Trainer, pairs_from_arrays
+from .train import TrainConfig, Trainer, pairs_from_arrays, train_config
 
 
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
@@ -156,10 +156,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = UNet() if args.from_scratch else load_model(args.base_model)
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite or pick another name")
-    config = TrainConfig(
-        steps=args.steps, lr=args.lr, batch_size=args.batch, tile=args.tile,
+    prior = {} if args.keep_prior is None else {"keep_prior": args.keep_prior}
+    config = train_config(
+        args.from_scratch, steps=args.steps, lr=args.lr, batch_size=args.batch, tile=args.tile,
         augment=AugmentConfig(elastic_alpha=0 if args.no_elastic else args.elastic),
-        device=args.device, freeze_norm=not args.from_scratch, seed=args.seed,
+        device=args.device, seed=args.seed, **prior,
     )
     trainer = Trainer(base, pairs, config)
     print(f"training on {len(pairs)} annotated plane(s), device {trainer.device}")
@@ -275,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="model file .safetensors")
     p.add_argument("--base-model", type=Path, default=None, help="default: the bundled model")
     p.add_argument("--from-scratch", action="store_true")
+    p.add_argument("--keep-prior", type=float, default=None,
+                   help="pull towards the starting model's predictions on unannotated pixels "
+                   f"(default {d.keep_prior} when fine-tuning, 0 from scratch)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch", type=int, default=d.batch_size)

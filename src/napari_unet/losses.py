@@ -20,3 +20,22 @@ def weighted_cross_entropy(
     ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
     w = weight * valid
     return (ce * w).sum() / w.sum().clamp_min(1e-6)
+
+
+def prior_consistency(
+    logits: torch.Tensor, prior_logits: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """KL divergence from the starting model's predictions, on unannotated pixels only.
+
+    Fine-tuning on a few painted cells says nothing about the unpainted rest of the image;
+    this term keeps the model's answer there where it started (knowledge distillation), so a
+    handful of labels corrects the model instead of overwriting what it knew. 0 when every
+    pixel is annotated.
+    """
+    free = target == IGNORE_INDEX
+    if not bool(free.any()):
+        return logits.sum() * 0.0
+    log_p = F.log_softmax(logits.float(), dim=1)
+    log_q = F.log_softmax(prior_logits.float(), dim=1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)
+    return kl[free].mean()

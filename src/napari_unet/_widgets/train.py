@@ -38,7 +38,14 @@ from ..device import select_device
 from ..model import ModelConfig, ModelFileError, UNet, check_channels, save_model
 from ..segment import read_plane, segment
 from ..targets import FIRST_CELL
-from ..train import TrainConfig, Trainer, TrainingPair, TrainProgress, pairs_from_arrays
+from ..train import (
+    TrainConfig,
+    Trainer,
+    TrainingPair,
+    TrainProgress,
+    pairs_from_arrays,
+    train_config,
+)
 from . import _common as c
 
 PREVIEW_MAX = 384  # preview at most this many pixels square (around the view centre)
@@ -385,11 +392,11 @@ class TrainWidget(QWidget):
         return pairs, layer_pairs
 
     def _config(self, scratch: bool) -> TrainConfig:
-        return TrainConfig(
-            steps=self.steps_spin.value(), lr=self.lr_spin.value(),
+        return train_config(
+            scratch, steps=self.steps_spin.value(), lr=self.lr_spin.value(),
             batch_size=self.batch_spin.value(), tile=self.tile_spin.value(),
             augment=AugmentConfig(elastic_alpha=self.elastic_spin.value()),
-            device=self.device_combo.currentText(), freeze_norm=not scratch,
+            device=self.device_combo.currentText(),
         )
 
     def start(self) -> Any:
