@@ -108,3 +108,23 @@ def test_nan_input_and_cancel(model):
     out = drain(segment_image(np.ones((5, 64, 64)), predictor,
                               cancel=lambda: calls.append(1) or len(calls) > 3))
     assert out.shape == (5, 64, 64)
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_fast_precision_keeps_accuracy_on_real_nuclei(precision):
+    """channels_last + reduced-precision autocast (what ``auto`` picks on AMX CPUs and GPUs)
+    segments the real sample as well as plain fp32."""
+    from napari_unet.evaluate import evaluate_pair
+    from napari_unet.model import bundled_model_path, load_model
+    from napari_unet.sample import load_sample
+
+    if not bundled_model_path().is_file():
+        pytest.skip("bundled model not built")
+    image, _, truth = load_sample()
+    model = load_model()
+    ref = segment(image, model, device="cpu", precision="fp32")
+    fast = segment(image, model, device="cpu", precision=precision)
+    agree = evaluate_pair(fast, ref)
+    assert agree["ap"] > 0.9 and agree["pixel_iou"] > 0.97, agree
+    ap_ref, ap_fast = evaluate_pair(ref, truth)["ap"], evaluate_pair(fast, truth)["ap"]
+    assert abs(ap_fast - ap_ref) < 0.03, (ap_ref, ap_fast)
