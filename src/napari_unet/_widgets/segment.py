@@ -149,6 +149,7 @@ class SegmentWidget(QWidget):
         self.anisotropy_spin = QDoubleSpinBox()
         self.anisotropy_spin.setRange(0.01, 1000.0)
         self.anisotropy_spin.setDecimals(3)
+        self.anisotropy_spin.setValue(1.0)
         self.anisotropy_spin.setToolTip("voxel depth along the stitching axis / pixel size "
                                         "(from the layer's scale); recorded with the labels")
         self.store_edit = QLineEdit()
