@@ -24,6 +24,7 @@ from .model import UNet, load_model, save_model
 from .postprocess import PostprocessConfig
 from .segment import InferenceConfig
 from .stitch import METRICS
+from .tiling import drive
 from .train import TrainConfig, Trainer, pairs_from_arrays, train_config
 
 
@@ -54,14 +55,14 @@ def _postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
 def _run_with_bar(gen, total: float, desc: str, unit: str = "plane"):
     """Drive a progress generator with a tqdm bar; returns the generator's value."""
     with tqdm(total=total, desc=desc, unit=unit, disable=None) as bar:
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                bar.update(total - bar.n)
-                return stop.value
+
+        def show(p) -> None:
             done = p.fraction * total if hasattr(p, "fraction") else p.step
             bar.update(done - bar.n)
+
+        value = drive(gen, show)
+        bar.update(total - bar.n)
+        return value
 
 
 def _segment_jobs(args: argparse.Namespace) -> list[Job]:
@@ -113,17 +114,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
         # Planes are read, segmented and written one at a time (on the workers, if any):
         # memory stays bounded by a few planes however large the inputs.
         with tqdm(total=None, desc="segment", unit="plane", disable=None) as bar:
-            while True:
-                try:
-                    p = next(gen)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
+
+            def show(p) -> None:
                 if bar.total != p.planes_total:
                     bar.total = p.planes_total
                 bar.update(p.planes_done + p.plane_fraction - bar.n)
                 if p.message:
                     bar.write(p.message)
+
+            result = drive(gen, show)
         where = (f"{len(client.scheduler_info()['workers'])} dask worker(s)" if client
                  else f"{select_device(args.device)} in this process")
     except KeyboardInterrupt:

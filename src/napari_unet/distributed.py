@@ -49,6 +49,7 @@ from .model import bundled_model_path, check_channels, load_model
 from .postprocess import PostprocessConfig
 from .segment import (
     InferenceConfig,
+    PlaneSink,
     Predictor,
     SegmentProgress,
     check_image,
@@ -58,7 +59,7 @@ from .segment import (
     segment_image,
 )
 from .stitch import stitch_planes_iter
-from .tiling import drain
+from .tiling import drain, relay
 
 __all__ = [
     "PLANE_STRIDE",
@@ -226,16 +227,6 @@ def _open_image(path: str, mtime_ns: int) -> _PlaneReader:
     return _PlaneReader(io.read_image(path))
 
 
-class _PlaneSink:
-    """Stands in for ``out`` in segment_image: keeps the one plane it is given."""
-
-    def __init__(self) -> None:
-        self.labels: np.ndarray | None = None
-
-    def __setitem__(self, key: Any, value: np.ndarray) -> None:
-        self.labels = value
-
-
 def run_plane_iter(
     task: PlaneTask,
     model: ModelRef,
@@ -246,13 +237,13 @@ def run_plane_iter(
     start = time.perf_counter()
     predictor = _cached_predictor(model.path, model.digest, model.inference_json)
     image = _open_image(task.source, os.stat(task.source).st_mtime_ns)
-    sink = _PlaneSink()
+    sink = PlaneSink()
     yield from segment_image(image, predictor, channel_axis=task.channel_axis,
                              postprocess=postprocess, out=sink, planes=[task.key],
                              cancel=cancel)
-    if sink.labels is None:
+    labels = sink.get(label_key(task.key, task.channel_axis))
+    if labels is None:
         return None
-    labels = sink.labels
     n = int(labels.max()) if task.stride else 0
     if task.stride and n >= task.stride:
         raise ValueError(f"plane {task.index} of {task.source} has {n} objects; at most "
@@ -549,8 +540,8 @@ def segment_batch(
     total, done = len(tasks), 0
     failures: list[tuple[str, int, str]] = []
 
-    def progress(message: str | None = None) -> BatchProgress:
-        return BatchProgress(done, total, time.perf_counter() - start, message)
+    def progress(message: str | None = None, plane_fraction: float = 0.0) -> BatchProgress:
+        return BatchProgress(done, total, time.perf_counter() - start, message, plane_fraction)
 
     def finish(plan: _Plan) -> Iterator[BatchProgress]:
         for _ in _finalise(plan, stitch, overwrite):
@@ -580,15 +571,9 @@ def segment_batch(
                 if cancel is not None and cancel():
                     result.cancelled = True
                     break
-                gen = run_plane_iter(task, ref, post, cancel)
-                while True:
-                    try:
-                        p = next(gen)
-                    except StopIteration as stop:
-                        res = stop.value
-                        break
-                    yield BatchProgress(done, total, time.perf_counter() - start,
-                                        plane_fraction=p.tiles_done / max(p.tiles_total, 1))
+                res = yield from relay(
+                    run_plane_iter(task, ref, post, cancel),
+                    lambda p: progress(plane_fraction=p.tiles_done / max(p.tiles_total, 1)))
                 if res is None:
                     result.cancelled = True
                     break

@@ -137,6 +137,24 @@ def check_image(shape: tuple[int, ...], channel_axis: int | None, name: str = "i
             )
 
 
+class PlaneSink:
+    """Stands in for ``out``/``probabilities_out`` when only some planes are segmented."""
+
+    def __init__(self) -> None:
+        self.planes: dict[tuple, np.ndarray] = {}
+
+    @staticmethod
+    def _hashable(key: tuple) -> tuple:
+        # slices are unhashable before Python 3.12
+        return tuple(None if isinstance(k, slice) else k for k in key)
+
+    def __setitem__(self, key: tuple, value: np.ndarray) -> None:
+        self.planes[self._hashable(key)] = np.asarray(value)
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        return self.planes.get(self._hashable(key))
+
+
 def segment_image(
     image: Any,
     predictor: Predictor,

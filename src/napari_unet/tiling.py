@@ -113,10 +113,28 @@ def sliding_window_predict(image: np.ndarray, predictor: Predictor, **kwargs) ->
     return drain(sliding_window_iter(image, predictor, **kwargs))
 
 
-def drain(gen: Generator[Any, None, T]) -> T:
-    """Run a progress-yielding generator to the end and return its return value."""
+def drive(gen: Generator[Any, None, T], on_progress: Callable[[Any], None]) -> T:
+    """Run a progress-yielding generator to the end, handing each item to ``on_progress``;
+    returns the generator's return value."""
     while True:
         try:
-            next(gen)
+            item = next(gen)
         except StopIteration as stop:
             return stop.value
+        on_progress(item)
+
+
+def drain(gen: Generator[Any, None, T]) -> T:
+    """Run a progress-yielding generator to the end and return its return value."""
+    return drive(gen, lambda _: None)
+
+
+def relay(gen: Generator[Any, None, T], convert: Callable[[Any], Any]) -> Generator[Any, None, T]:
+    """Yield ``convert(item)`` for each item ``gen`` yields; return its return value
+    (``value = yield from relay(gen, convert)``)."""
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield convert(item)

@@ -43,6 +43,7 @@ from ..model import ModelFileError, UNet, check_channels
 from ..postprocess import PostprocessConfig
 from ..segment import (
     InferenceConfig,
+    PlaneSink,
     Predictor,
     SegmentProgress,
     check_image,
@@ -64,24 +65,6 @@ def memory_budget() -> int:
     except ImportError:
         return 2**31
     return int(psutil.virtual_memory().available) // 4
-
-
-class PlaneSink:
-    """Stands in for ``out``/``probabilities_out`` when only some planes are segmented."""
-
-    def __init__(self) -> None:
-        self.planes: dict[tuple, np.ndarray] = {}
-
-    @staticmethod
-    def _hashable(key: tuple) -> tuple:
-        # slices are unhashable before Python 3.12
-        return tuple(None if isinstance(k, slice) else k for k in key)
-
-    def __setitem__(self, key: tuple, value: np.ndarray) -> None:
-        self.planes[self._hashable(key)] = np.asarray(value)
-
-    def get(self, key: tuple) -> np.ndarray | None:
-        return self.planes.get(self._hashable(key))
 
 
 @dataclass
@@ -364,7 +347,7 @@ class SegmentWidget(QWidget):
             return None
         try:
             return io.create_label_store(store, shape, np.int32, overwrite=overwrite)
-        except (OSError, ValueError, FileExistsError) as exc:
+        except (OSError, ValueError) as exc:
             c.notify_error(f"cannot create the labels store {store}: {exc}")
             return None
 
