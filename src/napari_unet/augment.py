@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .params import check, param
 from .targets import IGNORE_INDEX
 
 
@@ -21,12 +22,20 @@ from .targets import IGNORE_INDEX
 class AugmentConfig:
     """Augmentation strengths; ``elastic_alpha=0`` switches elastic deformation off."""
 
-    elastic_alpha: float = 10.0
-    elastic_grid: int = 3
-    flips: bool = True
-    rot90: bool = True
-    intensity: float = 0.1
-    noise: float = 0.02
+    elastic_alpha: float = param(10.0, min=0, max=50, label="elastic strength",
+                                 help="elastic deformation: displacement s.d. in pixels "
+                                 "(0 = off)")
+    elastic_grid: int = param(3, min=2, max=16, advanced=True,
+                              help="coarse grid of random displacements (points per side)")
+    flips: bool = param(True, help="random mirror flips", advanced=True)
+    rot90: bool = param(True, help="random 90-degree rotations", advanced=True)
+    intensity: float = param(0.1, min=0, max=1, advanced=True,
+                             help="random gain/offset of normalised intensities")
+    noise: float = param(0.02, min=0, max=1, advanced=True,
+                         help="largest s.d. of added Gaussian noise (normalised units)")
+
+    def __post_init__(self) -> None:
+        check(self)
 
     @property
     def margin(self) -> int:

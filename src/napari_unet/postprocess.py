@@ -8,6 +8,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
 
+from .params import check, param
 from .targets import BG, BOUNDARY, INTERIOR
 
 
@@ -15,15 +16,26 @@ from .targets import BG, BOUNDARY, INTERIOR
 class PostprocessConfig:
     """How probabilities become labels."""
 
-    mode: str = "instances"  # or "semantic": 0 background, 1 interior, 2 boundary
-    foreground_threshold: float = 0.5  # on P(interior) + P(boundary)
-    seed_threshold: float = 0.5  # on P(interior): cores that seed one cell each
-    min_size: int = 16  # pixels; smaller objects are dropped
-    min_seed_size: int = 4
+    mode: str = param("instances", choices=("instances", "semantic"),
+                      help="instances: one id per cell; semantic: 0 background, 1 interior, "
+                      "2 boundary")
+    foreground_threshold: float = param(0.5, min=0, max=1, min_exclusive=True,
+                                        help="P(cell) above which a pixel belongs to a cell",
+                                        advanced=True)
+    seed_threshold: float = param(0.5, min=0, max=1, min_exclusive=True,
+                                  help="P(interior) above which a core seeds one cell",
+                                  advanced=True)
+    min_size: int = param(16, min=0, help="objects smaller than this many pixels are dropped")
+    min_seed_size: int = param(4, min=0, help="seeds smaller than this many pixels are dropped",
+                               advanced=True)
     # Smoothing the interior probability before seeding keeps textured or dim nuclei from
     # breaking into several seeds.
-    smooth_sigma: float = 1.0
-    fill_holes: bool = True
+    smooth_sigma: float = param(1.0, min=0, max=20, help="smoothing (pixels) before seeding",
+                                advanced=True)
+    fill_holes: bool = param(True, help="fill holes inside objects", advanced=True)
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 def semantic_from_probs(probs: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 from .device import autocast, resolve_precision, select_device, to_device
 from .model import UNet, check_channels, fuse_batchnorm
 from .normalize import check_finite, normalize
+from .params import ConfigError, check, param
 from .postprocess import PostprocessConfig, labels_from_probs
 from .tiling import drain, sliding_window_iter
 
@@ -28,13 +29,26 @@ class InferenceConfig:
 
     # 256-pixel tiles ran fastest on a 2-core CPU (cache-friendly); GPUs like larger
     # tiles and batches: raise them there.
-    tile: int = 256
-    overlap: int = 48
-    margin: int = 16
-    batch_size: int = 4
-    blend: str = "cosine"
-    device: str = "auto"
-    precision: str = "auto"
+    tile: int = param(256, min=0, min_exclusive=True, multiple_of=8,
+                      help="tile size in pixels (a multiple of the model's divisor)")
+    overlap: int = param(48, min=0, multiple_of=8, help="overlap between tiles in pixels",
+                         advanced=True)
+    margin: int = param(16, min=0, help="pixels at each tile edge given no weight (context)",
+                        advanced=True)
+    batch_size: int = param(4, min=1, max=1024, help="tiles per forward pass", label="batch")
+    blend: str = param("cosine", choices=("cosine", "linear", "constant"),
+                       help="how overlapping tiles are blended", advanced=True)
+    device: str = param("auto", help="auto, cuda, cuda:N, mps or cpu")
+    precision: str = param("auto", choices=("auto", "fp32", "bf16", "fp16"),
+                           help="compute precision (auto: bf16/fp16 where the device is fast "
+                           "at it)", advanced=True)
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.overlap < 2 * self.margin or self.overlap >= self.tile:
+            raise ConfigError(
+                f"InferenceConfig: overlap ({self.overlap}) must be at least 2 x margin "
+                f"({2 * self.margin}) and smaller than the tile ({self.tile})")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .device import autocast, resolve_precision, select_device, to_device
 from .losses import prior_consistency, weighted_cross_entropy
 from .model import UNet, check_channels, save_model
 from .normalize import normalize
+from .params import check, param
 from .targets import FIRST_CELL, IGNORE_INDEX, check_annotation, check_label_dtype, make_targets
 
 
@@ -42,27 +43,43 @@ class TrainingPair:
 class TrainConfig:
     """Training settings; defaults suit fine-tuning the bundled model on a laptop CPU."""
 
-    steps: int = 300
-    lr: float = 2e-4
-    batch_size: int = 4
-    tile: int = 128
+    steps: int = param(300, min=1, max=1_000_000, help="optimisation steps")
+    lr: float = param(2e-4, min=0, max=1, min_exclusive=True, label="learning rate",
+                      help="learning rate (AdamW)")
+    batch_size: int = param(4, min=1, max=1024, label="batch", help="patches per step")
+    tile: int = param(128, min=0, min_exclusive=True, multiple_of=8, label="patch size",
+                      help="training patch size in pixels (a multiple of the model's divisor)")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    w0: float = 10.0
-    sigma: float = 5.0
-    device: str = "auto"
-    precision: str = "auto"
+    w0: float = param(10.0, min=0, max=100, advanced=True,
+                      help="border weight w0 between touching cells (U-Net paper)")
+    sigma: float = param(5.0, min=0, max=100, min_exclusive=True, advanced=True,
+                         help="border weight width sigma in pixels (U-Net paper)")
+    device: str = param("auto", help="auto, cuda, cuda:N, mps or cpu")
+    precision: str = param("auto", choices=("auto", "fp32", "bf16", "fp16"), advanced=True,
+                           help="compute precision (auto: bf16/fp16 where the device is fast "
+                           "at it)")
     # Fine-tuning with a handful of small patches gives poor batch statistics; keeping the
     # pretrained BatchNorm statistics fixed is the usual remedy. From scratch: False.
-    freeze_norm: bool = True
-    snapshot_every: int = 10
-    checkpoint_path: str | None = None
-    checkpoint_every: int = 100
-    seed: int = 0
-    cosine: bool = False  # cosine learning-rate decay (long runs); constant suits fine-tuning
-    # Weight of the pull towards the starting model's predictions on unannotated pixels
-    # (losses.prior_consistency). Without it a few painted cells made the AP of the bundled
-    # model swing by up to 0.8 between snapshots (benchmarks/README.md); 0 turns it off.
-    keep_prior: float = 1.0
+    freeze_norm: bool = param(True, advanced=True,
+                              help="keep the starting model's BatchNorm statistics")
+    snapshot_every: int = param(10, min=1, advanced=True,
+                                help="steps between snapshots of the last good model")
+    checkpoint_path: str | None = param(None, optional=True, advanced=True,
+                                        help="model file refreshed during training")
+    checkpoint_every: int = param(100, min=1, advanced=True,
+                                  help="steps between checkpoint writes")
+    seed: int = param(0, min=0, advanced=True, help="random seed")
+    cosine: bool = param(False, advanced=True,
+                         help="cosine learning-rate decay (long runs); constant suits "
+                         "fine-tuning")
+    # Without the pull towards the starting model a few painted cells made the AP of the
+    # bundled model swing by up to 0.8 between snapshots (benchmarks/README.md).
+    keep_prior: float = param(1.0, min=0, max=100, advanced=True,
+                              help="weight of the pull towards the starting model's "
+                              "predictions on unannotated pixels (0 = off)")
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 def train_config(from_scratch: bool = False, **kwargs: Any) -> TrainConfig:
