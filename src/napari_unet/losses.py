@@ -39,3 +39,27 @@ def prior_consistency(
     log_q = F.log_softmax(prior_logits.float(), dim=1)
     kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)
     return kl[free].mean()
+
+
+def distance_loss(
+    logit: torch.Tensor, distance: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Binary cross-entropy of the distance logit (B,h,w) against the soft [0, 1] distance
+    map, on annotated pixels only (background pixels have distance 0)."""
+    valid = target != IGNORE_INDEX
+    if not bool(valid.any()):
+        return logit.sum() * 0.0
+    bce = F.binary_cross_entropy_with_logits(logit.float(), distance.float(), reduction="none")
+    return bce[valid].mean()
+
+
+def prior_distance_consistency(
+    logit: torch.Tensor, prior_logit: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Squared difference of the distance maps from the starting model's, on unannotated
+    pixels only (the distance-channel counterpart of :func:`prior_consistency`)."""
+    free = target == IGNORE_INDEX
+    if not bool(free.any()):
+        return logit.sum() * 0.0
+    diff = torch.sigmoid(logit.float()) - torch.sigmoid(prior_logit.float())
+    return (diff[free] ** 2).mean()

@@ -40,7 +40,17 @@ class ModelConfig:
     base_channels: int = 16
     classes: tuple[str, ...] = CLASSES
     norm_percentiles: tuple[float, float] = (1.0, 99.8)
+    # An extra output channel regressing each pixel's distance to its cell's edge,
+    # normalised per cell to [0, 1] (1 at the cell's most interior pixel). It seeds the
+    # watershed: its cores stay apart where touching cells meet. Files written before it
+    # existed have no such key and load with False.
+    distance: bool = False
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_outputs(self) -> int:
+        """Output channels of the network: class logits, then the distance logit if any."""
+        return self.n_classes + int(self.distance)
 
     @property
     def divisor(self) -> int:
@@ -93,7 +103,7 @@ class UNet(nn.Module):
         for w in reversed(widths[:-1]):
             self.upconv.append(nn.ConvTranspose2d(w * 2, w, 2, stride=2))
             self.up.append(_double_conv(w * 2, w))
-        self.head = nn.Conv2d(widths[0], c.n_classes, 1)
+        self.head = nn.Conv2d(widths[0], c.n_outputs, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -106,6 +116,16 @@ class UNet(nn.Module):
         for upconv, block in zip(self.upconv, self.up, strict=True):
             x = block(torch.cat([skips.pop(), upconv(x)], dim=1))
         return self.head(x)
+
+
+def activate(config: ModelConfig, raw: torch.Tensor) -> torch.Tensor:
+    """Network output (B, n_outputs, h, w) -> maps: class probabilities (softmax over the
+    class channels), then the distance map in [0, 1] (sigmoid) when the model has one."""
+    raw = raw.float()
+    probs = torch.softmax(raw[:, : config.n_classes], dim=1)
+    if not config.distance:
+        return probs
+    return torch.cat([probs, torch.sigmoid(raw[:, config.n_classes :])], dim=1)
 
 
 def fuse_batchnorm(model: UNet) -> UNet:

@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
 
 from .params import check, param
-from .targets import BG, BOUNDARY, INTERIOR
+from .targets import BG, INTERIOR
 
 
 @dataclass
@@ -33,35 +33,53 @@ class PostprocessConfig:
     smooth_sigma: float = param(1.0, min=0, max=20, help="smoothing (pixels) before seeding",
                                 advanced=True)
     fill_holes: bool = param(True, help="fill holes inside objects", advanced=True)
+    seeds: str = param("auto", choices=("auto", "distance", "interior"), advanced=True,
+                       help="what seeds one cell each: cores of the distance map (models "
+                       "with a distance output; auto picks it) or of P(interior)")
+    distance_threshold: float = param(0.5, min=0, max=1, min_exclusive=True, advanced=True,
+                                      help="distance-map level (0 edge, 1 centre) above "
+                                      "which a core seeds one cell")
 
     def __post_init__(self) -> None:
         check(self)
 
 
+N_CLASSES = 3  # background, interior, boundary; a 4th channel is the distance map
+DISTANCE = N_CLASSES
+
+
 def semantic_from_probs(probs: np.ndarray) -> np.ndarray:
-    """Per-pixel most likely class (uint8)."""
-    return np.argmax(probs, axis=0).astype(np.uint8)
+    """Per-pixel most likely class (uint8); a distance channel, if any, is not a class."""
+    return np.argmax(probs[:N_CLASSES], axis=0).astype(np.uint8)
 
 
 def instances_from_probs(
     probs: np.ndarray, config: PostprocessConfig | None = None
 ) -> np.ndarray:
-    """Seeded watershed: cell cores (high interior probability) grow into the foreground.
+    """Seeded watershed: cell cores grow into the foreground (P(cell) above threshold).
 
-    Touching cells stay apart because the boundary class keeps their cores disconnected.
-    Returns int32 labels numbered 1..N.
+    ``probs`` is (3, H, W) class probabilities, optionally followed by the distance map
+    (4, H, W). Cores are where the (smoothed) distance map, or else P(interior), is high;
+    touching cells stay apart because both fall to 0 where cells meet, and each core floods
+    down that same surface. Returns int32 labels numbered 1..N.
     """
     c = config or PostprocessConfig()
-    if probs.ndim != 3 or probs.shape[0] <= max(BG, INTERIOR, BOUNDARY):
-        raise ValueError(f"expected (3, H, W) class probabilities, got shape {probs.shape}")
-    interior = probs[INTERIOR]
+    if probs.ndim != 3 or probs.shape[0] not in (N_CLASSES, N_CLASSES + 1):
+        raise ValueError(
+            f"expected (3, H, W) class probabilities or (4, H, W) with a distance map, got "
+            f"shape {probs.shape}")
+    use_distance = probs.shape[0] > DISTANCE and c.seeds != "interior"
+    if c.seeds == "distance" and not use_distance:
+        raise ValueError("seeds='distance' needs a model with a distance output; use 'auto'")
+    surface, level = ((probs[DISTANCE], c.distance_threshold) if use_distance
+                      else (probs[INTERIOR], c.seed_threshold))
     if c.smooth_sigma > 0:
-        interior = ndi.gaussian_filter(interior, c.smooth_sigma)
+        surface = ndi.gaussian_filter(surface, c.smooth_sigma)
     foreground = (1.0 - probs[BG]) > c.foreground_threshold
-    seeds, _ = ndi.label(interior > c.seed_threshold)
+    seeds, _ = ndi.label((surface > level) & foreground)
     if c.min_seed_size > 1:
         seeds = remove_small(seeds, c.min_seed_size)
-    labels = watershed(-interior, seeds, mask=foreground)
+    labels = watershed(-surface, seeds, mask=foreground)
     if c.min_size > 1:
         labels = remove_small(labels, c.min_size)
     if c.fill_holes:

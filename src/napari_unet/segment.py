@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .device import autocast, resolve_precision, select_device, to_device
-from .model import UNet, check_channels, fuse_batchnorm
+from .model import UNet, activate, check_channels, fuse_batchnorm
 from .normalize import check_finite, normalize
 from .params import ConfigError, check, param
 from .postprocess import PostprocessConfig, labels_from_probs
@@ -79,11 +79,11 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) normalised tiles -> (B, K, h, w) class probabilities."""
+        """(B, C, h, w) normalised tiles -> (B, K, h, w) maps (see :func:`model.activate`)."""
         batch = batch.to(self.device, memory_format=torch.channels_last)
         with autocast(self.device, self.amp):
             logits = self.net(batch)
-        return torch.softmax(logits.float(), dim=1)
+        return activate(self.model_config, logits)
 
     def predict_iter(self, plane: np.ndarray) -> Generator[tuple[int, int], None, np.ndarray]:
         """Normalise one (H, W) or (C, H, W) plane and predict it tile by tile."""

@@ -80,6 +80,40 @@ def border_weights(cells: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> n
     return out
 
 
+def painted_cells(annotation: np.ndarray) -> np.ndarray:
+    """Instance labels 1..N of the painted cells of a 2D annotation (0 elsewhere).
+
+    Each connected painted region is its own object, even where a value is reused in two
+    places.
+    """
+    cell_values = np.where(annotation >= FIRST_CELL, annotation, 0)
+    cells, _ = ndi.label(cell_values > 0)
+    cells = np.where(cells > 0, cell_values.astype(np.int64) * (cells.max() + 1) + cells, 0)
+    return relabel_sequential(cells)[0].astype(np.int32)
+
+
+def distance_target(cells: np.ndarray) -> np.ndarray:
+    """Each cell pixel's distance to the cell's edge over the cell's largest such distance.
+
+    1 at a cell's most interior pixel, falling towards its edge, 0 outside cells. The
+    normalisation makes the map's cores the same for small and large cells, so one level
+    seeds one cell whatever its size; where two cells touch it falls to the edge value.
+    """
+    out = np.zeros(cells.shape, np.float32)
+    for lab, sl in enumerate(ndi.find_objects(cells), start=1):
+        if sl is None:
+            continue
+        # Pad by one so a cell touching the crop edge still gets an edge there.
+        box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n))
+                    for s, n in zip(sl, cells.shape, strict=True))
+        mask = cells[box] == lab
+        dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1].astype(np.float32)
+        top = dist.max()
+        if top > 0:
+            out[box][mask] = dist[mask] / top
+    return out
+
+
 def make_targets(
     annotation: np.ndarray,
     complete: np.ndarray | None = None,
@@ -101,11 +135,7 @@ def make_targets(
     background = annotation == BACKGROUND
     if complete is not None:
         background |= np.asarray(complete, bool) & (annotation == UNLABELED)
-    cell_values = np.where(annotation >= FIRST_CELL, annotation, 0)
-    # Relabel so each painted cell (even a value reused in two places) is its own object.
-    cells, _ = ndi.label(cell_values > 0)
-    cells = np.where(cells > 0, cell_values.astype(np.int64) * (cells.max() + 1) + cells, 0)
-    cells = relabel_sequential(cells)[0].astype(np.int32)
+    cells = painted_cells(annotation)
 
     target = np.full(annotation.shape, IGNORE_INDEX, np.int64)
     target[background] = BG

@@ -22,11 +22,24 @@ from torch import nn
 
 from .augment import AugmentConfig, augment_batch
 from .device import autocast, resolve_precision, select_device, to_device
-from .losses import prior_consistency, weighted_cross_entropy
+from .losses import (
+    distance_loss,
+    prior_consistency,
+    prior_distance_consistency,
+    weighted_cross_entropy,
+)
 from .model import UNet, check_channels, save_model
 from .normalize import normalize
 from .params import check, param
-from .targets import FIRST_CELL, IGNORE_INDEX, check_annotation, check_label_dtype, make_targets
+from .targets import (
+    FIRST_CELL,
+    IGNORE_INDEX,
+    check_annotation,
+    check_label_dtype,
+    distance_target,
+    make_targets,
+    painted_cells,
+)
 
 
 @dataclass
@@ -37,6 +50,7 @@ class TrainingPair:
     annotation: np.ndarray
     complete: np.ndarray | None = None  # bool (H, W): unpainted pixels here are background
     name: str = "image"
+    sample_weight: float = 1.0  # relative share of training patches (e.g. per data set)
 
 
 @dataclass
@@ -77,6 +91,10 @@ class TrainConfig:
     keep_prior: float = param(1.0, min=0, max=100, advanced=True,
                               help="weight of the pull towards the starting model's "
                               "predictions on unannotated pixels (0 = off)")
+    image_balance: float = param(1.0, min=0, max=1, advanced=True,
+                                 help="images are sampled in proportion to (annotated pixels)"
+                                 " ** this: 1 = every annotated pixel alike, 0 = every image "
+                                 "alike")
 
     def __post_init__(self) -> None:
         check(self)
@@ -114,7 +132,9 @@ class _Prepared:
     image: np.ndarray  # (C, H, W) float32, normalised, mirror-padded by the patch margin
     target: np.ndarray  # (H, W) int64, padded with IGNORE_INDEX
     weight: np.ndarray  # (H, W) float32, padded with 0
+    distance: np.ndarray | None  # (H, W) float32 distance target, padded with 0, if wanted
     annotated: np.ndarray  # flat indices of annotated pixels in the padded frame
+    sample_weight: float = 1.0
 
 
 def _as_chw(image: np.ndarray, name: str) -> np.ndarray:
@@ -137,6 +157,7 @@ def prepare_pairs(
     percentiles: tuple[float, float],
     w0: float,
     sigma: float,
+    distance: bool = False,
 ) -> list[_Prepared]:
     """Validate, normalise, build targets and mirror-pad every pair for patch sampling."""
     if not pairs:
@@ -159,6 +180,7 @@ def prepare_pairs(
         target, weight = make_targets(pair.annotation, pair.complete, w0=w0, sigma=sigma)
         if not (target != IGNORE_INDEX).any():
             continue
+        dist = distance_target(painted_cells(pair.annotation)) if distance else None
         norm = normalize(image, percentiles)
         h, w = target.shape
         # Enough padding that a crop (tile + 2 margins) centred anywhere fits.
@@ -166,7 +188,10 @@ def prepare_pairs(
         norm = np.pad(norm, ((0, 0), (py, py), (px, px)), mode="reflect")
         target = np.pad(target, ((py, py), (px, px)), constant_values=IGNORE_INDEX)
         weight = np.pad(weight, ((py, py), (px, px)))
-        prepared.append(_Prepared(norm, target, weight, np.flatnonzero(target >= 0)))
+        if dist is not None:
+            dist = np.pad(dist, ((py, py), (px, px)))
+        prepared.append(_Prepared(norm, target, weight, dist, np.flatnonzero(target >= 0),
+                                  pair.sample_weight))
     if n_cells == 0:
         raise ValueError(
             "the annotation has no cells: paint at least one cell with a label >= 2 "
@@ -216,10 +241,13 @@ def pairs_from_arrays(
 class PatchSampler:
     """Random patches centred on annotated pixels, with context for elastic deformation."""
 
-    def __init__(self, data: list[_Prepared], size: int, rng: np.random.Generator) -> None:
+    def __init__(self, data: list[_Prepared], size: int, rng: np.random.Generator,
+                 balance: float = 1.0) -> None:
         self.data, self.size, self.rng = data, size, rng
-        # Sample images in proportion to how much of them is annotated.
-        counts = np.array([len(d.annotated) for d in data], np.float64)
+        # Sample images in proportion to how much of them is annotated (balance 1), or
+        # flatter: many small images should not be drowned by a few large ones.
+        counts = np.array([len(d.annotated) ** balance * d.sample_weight for d in data],
+                          np.float64)
         self.p = counts / counts.sum()
 
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -233,7 +261,11 @@ class PatchSampler:
             x0 = int(np.clip(cx - s // 2 + self.rng.integers(-s // 4, s // 4 + 1), 0, w - s))
             ims.append(d.image[:, y0 : y0 + s, x0 : x0 + s])
             tgs.append(d.target[y0 : y0 + s, x0 : x0 + s])
-            wts.append(d.weight[y0 : y0 + s, x0 : x0 + s])
+            wt = d.weight[y0 : y0 + s, x0 : x0 + s]
+            if d.distance is not None:
+                # Loss weight and distance target travel together through augmentation.
+                wt = np.stack([wt, d.distance[y0 : y0 + s, x0 : x0 + s]])
+            wts.append(wt)
         return np.stack(ims), np.stack(tgs), np.stack(wts)
 
 
@@ -257,8 +289,10 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         margin = config.augment.margin
         data = prepare_pairs(pairs, model.config.in_channels, config.tile + 2 * margin, margin,
-                             model.config.norm_percentiles, config.w0, config.sigma)
-        self.sampler = PatchSampler(data, config.tile + 2 * margin, self.rng)
+                             model.config.norm_percentiles, config.w0, config.sigma,
+                             distance=model.config.distance)
+        self.sampler = PatchSampler(data, config.tile + 2 * margin, self.rng,
+                                    config.image_balance)
         self.net = to_device(copy.deepcopy(model), self.device)
         self.prior = to_device(copy.deepcopy(model), self.device).eval() \
             if config.keep_prior > 0 else None
@@ -272,6 +306,27 @@ class Trainer:
         self.model.load_state_dict({k: v.detach().cpu() for k, v in
                                     self.net.state_dict().items()})
         self.model.eval()
+
+    def save_state(self, path: str | Path) -> None:
+        """Everything needed to resume this run: weights, optimiser, step, loss history."""
+        state = {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "step": torch.tensor(self.step), "losses": torch.tensor(self.losses)}
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def load_state(self, path: str | Path) -> None:
+        """Resume from :meth:`save_state` (tensors only: ``weights_only`` never unpickles
+        code)."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.losses = [float(x) for x in state["losses"]]
+        # A resumed run must not replay the patches it already saw.
+        self.rng = self.sampler.rng = np.random.default_rng([self.config.seed, self.step])
+        self.generator.manual_seed(self.config.seed * 1_000_003 + self.step)
+        self._snapshot()
 
     def _checkpoint(self) -> None:
         if self.config.checkpoint_path:
@@ -296,12 +351,21 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr * scale
         with autocast(self.device, self.amp):
-            logits = self.net(image)
-        loss = weighted_cross_entropy(logits, target, weight)
+            out = self.net(image)
+        k = self.net.config.n_classes
+        distance = weight[:, 1] if weight.ndim == 4 else None
+        if distance is not None:
+            weight = weight[:, 0]
+        loss = weighted_cross_entropy(out[:, :k], target, weight)
+        if distance is not None:
+            loss = loss + distance_loss(out[:, k], distance, target)
         if self.prior is not None:
             with torch.no_grad(), autocast(self.device, self.amp):
-                prior_logits = self.prior(image)
-            loss = loss + c.keep_prior * prior_consistency(logits, prior_logits, target)
+                prior = self.prior(image)
+            loss = loss + c.keep_prior * prior_consistency(out[:, :k], prior[:, :k], target)
+            if distance is not None:
+                loss = loss + c.keep_prior * prior_distance_consistency(out[:, k], prior[:, k],
+                                                                       target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
