@@ -49,17 +49,18 @@ def evaluate(model: UNet, samples, device: str, post: PostprocessConfig | None =
     return evaluate_many(pairs)
 
 
-def load_splits(seed: int) -> tuple[list, dict[str, list]]:
-    """Training samples (with their sampling weights) and the validation sets."""
+def load_splits(seed: int, score: list[str] | None = None) -> tuple[list, dict[str, list]]:
+    """Training samples (with their shares of patches) and the validation sets to score."""
     train, val = [], {}
     for name, (frac, share) in TRAIN_SETS.items():
         samples = load_dataset(name, invert_bright=False)
         tr, va = split(samples, frac, seed=seed) if frac else (samples, [])
         train.append((name, tr, share))
-        if va:
+        if va and (score is None or name in score):
             val[name] = va
     for name in EVAL_ONLY:
-        val[name] = load_dataset(name, invert_bright=False)
+        if score is None or name in score:
+            val[name] = load_dataset(name, invert_bright=False)
     return train, val
 
 
@@ -79,6 +80,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="stop (keeping the model and the resume state) after this long")
+    ap.add_argument("--fit-schedule", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --max-minutes: after 300 steps, shorten --steps to what the "
+                    "measured rate allows, so the cosine schedule ends inside the time")
+    ap.add_argument("--val", nargs="+", default=None,
+                    help="validation sets to score (default: all of them)")
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -93,7 +99,7 @@ def main() -> None:
         with open(log_path, "a") as f:
             f.write(line + "\n")
 
-    train, val = load_splits(args.seed)
+    train, val = load_splits(args.seed, args.val)
     pairs = []
     for _name, samples, share in train:
         # Each data set gets its share of patches whatever its number of images.
@@ -126,7 +132,16 @@ def main() -> None:
             "settings": _settings(args), "step": trainer.step,
             "train_seconds": previous_seconds + time.perf_counter() - t0}))
 
+    fitted = not (args.max_minutes and args.fit_schedule) or trainer.step > 0
     for p in trainer.run(cancel=lambda: time.perf_counter() > deadline):
+        if not fitted and p.step == 300:
+            fitted = True
+            fits = p.step + int(0.97 * p.steps_per_s * (deadline - time.perf_counter()))
+            if fits < config.steps:
+                # The schedule reads config.steps every step: it now ends inside the time.
+                config.steps = fits
+                log(f"at {p.steps_per_s:.1f} steps/s the time allows {fits} steps; "
+                    "the cosine schedule now ends there")
         if p.step % 100 == 0:
             log(f"step {p.step}/{p.total_steps} loss {p.loss_avg:.4f} "
                 f"{p.steps_per_s:.1f} steps/s")
