@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Generator
 from dataclasses import asdict, dataclass
@@ -357,7 +358,11 @@ def export_model_iter(
 ) -> Generator[str, None, Path]:
     """:func:`export_model` as a generator yielding a message per step (for the widgets)."""
     _require()
-    from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
+    from bioimageio.spec import (
+        save_bioimageio_package,
+        save_bioimageio_package_as_folder,
+        update_hashes,
+    )
     from bioimageio.spec.model import v0_5
 
     output = Path(output)
@@ -400,7 +405,10 @@ def export_model_iter(
         ts = None
         if torchscript:
             yield "tracing TorchScript weights"
-            with torch.no_grad():
+            # torch.jit is deprecated in torch >= 2.10 but TorchScript is still what
+            # deepImageJ and other Java/C++ consumers of bioimage.io models load.
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
                 traced = torch.jit.trace(arch, torch.from_numpy(
                     np.zeros((1, config.in_channels, 2 * config.divisor * 4,
                               2 * config.divisor * 4), np.float32)))
@@ -411,6 +419,7 @@ def export_model_iter(
 
         yield "describing the package"
         descr = _describe(tmp, config, name, description, authors, extra, datasets, ts)
+        descr = update_hashes(descr)  # sha256 of every file, so consumers can verify them
         yield "writing the package"
         tmp_out = output.with_name(f".{output.name}.tmp")
         _remove(tmp_out)
@@ -683,8 +692,9 @@ class ForeignModel:
         with _offline():
             descr = load_description(str(path), perform_io_checks=False)
         if isinstance(descr, InvalidDescr) or getattr(descr, "type", None) != "model":
+            summary = getattr(descr, "validation_summary", None)
             raise ModelFileError(f"{path} is not a valid bioimage.io model: "
-                                 f"{descr.validation_summary.format() if hasattr(descr, 'validation_summary') else descr}")
+                                 f"{summary.format() if summary is not None else descr}")
         self.path = Path(path)
         self.descr = descr
         self.support = check_foreign(descr)
