@@ -91,3 +91,27 @@ def test_foreign_package_runs_through_bioimageio_core(package, tmp_path):
     assert foreign.support.output_kind == "classes"
     labels = foreign.segment_plane(load_sample()[0])
     assert labels.shape == (256, 256) and labels.max() > 5
+
+
+def test_cli_export_and_foreign_segment(package, tmp_path):
+    from napari_unet import io
+    from napari_unet.cli import main
+    from napari_unet.model import bundled_model_path
+
+    out = tmp_path / "cli.zip"
+    assert main(["export", "-o", str(out), "--no-torchscript", "--no-test",
+                 "--name", "my nuclei model", "--author", "A. Person"]) == 0
+    rdf = yaml.safe_load(zipfile.ZipFile(out).read("rdf.yaml"))
+    assert rdf["name"] == "my nuclei model" and rdf["authors"][0]["name"] == "A. Person"
+    assert "torchscript" not in rdf["weights"]
+    assert main(["export", "-o", str(out), "--no-test"]) == 2  # exists: not replaced
+
+    folder = tmp_path / "foreign"
+    zipfile.ZipFile(package).extractall(folder)
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    del rdf["config"]["napari-unet"]
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    sample = bundled_model_path().parents[1] / "data" / "nuclei_crop.tif"
+    labels = tmp_path / "foreign_labels.tif"
+    assert main(["segment", str(sample), "-o", str(labels), "--model", str(folder)]) == 0
+    assert np.asarray(io.read_image(labels)).max() > 5
