@@ -103,7 +103,7 @@ def test_cli_export_and_foreign_segment(package, tmp_path):
                  "--name", "my nuclei model", "--author", "A. Person"]) == 0
     rdf = yaml.safe_load(zipfile.ZipFile(out).read("rdf.yaml"))
     assert rdf["name"] == "my nuclei model" and rdf["authors"][0]["name"] == "A. Person"
-    assert "torchscript" not in rdf["weights"]
+    assert not rdf["weights"].get("torchscript")
     assert main(["export", "-o", str(out), "--no-test"]) == 2  # exists: not replaced
 
     folder = tmp_path / "foreign"
