@@ -21,7 +21,7 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q ".[dev]" "napari[pyqt6]"
 
 ruff check .
-# Pin the binding: qtpy would otherwise pick PyQt5 first if an older one is also installed.
-# bioimage.io: never reach the network during tests (packages are validated offline).
-QT_API=pyqt6 BIOIMAGEIO_PERFORM_IO_CHECKS=false \
+# Pin the binding for qtpy and pytest-qt alike, whatever else is installed: two bindings in
+# one process crash. bioimage.io: never reach the network (packages are checked offline).
+QT_API=pyqt6 PYTEST_QT_API=pyqt6 BIOIMAGEIO_PERFORM_IO_CHECKS=false \
     xvfb-run -a -s "-screen 0 1600x1000x24" python -m pytest -p no:cacheprovider "$@"
