@@ -144,7 +144,7 @@ class MeasureWidget(QWidget):
                 item = QTableWidgetItem()
                 v = values[i]
                 # numbers as data (not text) so that sorting a column sorts numerically
-                item.setData(0, float(v) if np.issubdtype(type(v), np.floating)
+                item.setData(0, round(float(v), 3) if np.issubdtype(type(v), np.floating)
                              else int(v) if np.issubdtype(type(v), np.integer) else str(v))
                 self.view.setItem(i, j, item)
         self.view.setSortingEnabled(True)
