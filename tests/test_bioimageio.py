@@ -115,3 +115,29 @@ def test_cli_export_and_foreign_segment(package, tmp_path):
     labels = tmp_path / "foreign_labels.tif"
     assert main(["segment", str(sample), "-o", str(labels), "--model", str(folder)]) == 0
     assert np.asarray(io.read_image(labels)).max() > 5
+
+
+def test_export_is_generic_over_extra_output_channels(tmp_path, monkeypatch):
+    """A model with an extra output channel (e.g. a distance map) exports as two outputs:
+    the class probabilities and the extra channel(s); bioimageio.core reproduces both."""
+    import torch
+
+    from napari_unet.model import ModelConfig, UNet
+
+    torch.manual_seed(0)
+    if "distance" in ModelConfig.__dataclass_fields__:  # the model has the option itself
+        model = UNet(ModelConfig(depth=3, base_channels=8, distance=True))
+    else:  # simulate it: one more head channel in the exported architecture and the model
+        source = bio.architecture_source()
+        head = "self.head = nn.Conv2d(widths[0], c.n_classes, 1)"
+        assert head in source
+        wider = source.replace(head, head.replace("c.n_classes", "c.n_classes + 1"))
+        monkeypatch.setattr(bio, "architecture_source", lambda: wider)
+        model = UNet(ModelConfig(depth=3, base_channels=8))
+        model.head = torch.nn.Conv2d(8, 4, 1)
+    package = bio.export_model(model, tmp_path / "extra.zip", torchscript=False)
+    rdf = yaml.safe_load(zipfile.ZipFile(package).read("rdf.yaml"))
+    assert [o["id"] for o in rdf["outputs"]] == ["probabilities", "extra"]
+    assert bio.validate_package(package).status == "valid-format"
+    summary = bio.test_package(package)
+    assert summary.status == "passed", summary.format()
