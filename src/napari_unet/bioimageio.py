@@ -20,6 +20,7 @@ Everything here works offline: validation skips the checks that download
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import inspect
@@ -370,7 +371,8 @@ def export_model_iter(
         raise FileExistsError(f"{output} exists; choose another name or pass overwrite=True")
     if not isinstance(model, UNet):
         model = load_model(model)
-    model = model.to("cpu").eval()
+    # A private CPU copy: the caller's model may live on a GPU or still be training.
+    model = copy.deepcopy(model).to("cpu").eval()
     config = model.config
     name = name or str(config.provenance.get("name") or output.name.split(".")[0])
     if len(name) < 5:  # the spec wants a descriptive name (5+ characters)
@@ -724,7 +726,7 @@ class ForeignModel:
         result = np.asarray(out.members[self.descr.outputs[0].id].data)
         out_axes = [str(a.id) for a in self.descr.outputs[0].axes]
         if "batch" in out_axes:
-            result = result[out_axes.index("batch")] if out_axes.index("batch") == 0 else result
+            result = np.take(result, 0, axis=out_axes.index("batch"))
             out_axes.remove("batch")
         if "channel" in out_axes:
             result = np.moveaxis(result, out_axes.index("channel"), 0)
