@@ -141,3 +141,13 @@ def test_export_is_generic_over_extra_output_channels(tmp_path, monkeypatch):
     assert bio.validate_package(package).status == "valid-format"
     summary = bio.test_package(package)
     assert summary.status == "passed", summary.format()
+
+
+def test_fine_tuned_model_keeps_its_base_models_data_and_licences():
+    from napari_unet.model import ModelConfig
+
+    tuned = ModelConfig(provenance={"base_model": "bundled", "images": ["mine.tif"]})
+    trained_on, note = bio._training_data(tuned)
+    assert "dsb2018_nuclei" in trained_on and "fine-tuned" in note
+    scratch = ModelConfig(provenance={"base_model": "scratch"})
+    assert bio._training_data(scratch) == ({}, "trained on the user's own annotations")

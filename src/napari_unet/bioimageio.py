@@ -265,8 +265,29 @@ def _cover(image: np.ndarray, labels: np.ndarray, path: Path) -> None:
     iio.imwrite(path, cover)
 
 
-def _documentation(config: ModelConfig, name: str, extra: int, datasets: list[str]) -> str:
+BUNDLED_BASES = ("bundled", "bundled model")  # how the CLI and the widget name the base
+
+
+def _training_data(config: ModelConfig) -> tuple[dict[str, list], str]:
+    """The public data sets behind a model (name -> image list) and a note on the rest.
+
+    A model fine-tuned from the bundled one carries the bundled model's data too: its
+    licences and citations still apply.
+    """
     prov = config.provenance or {}
+    if prov.get("trained_on"):
+        return dict(prov["trained_on"]), ""
+    if str(prov.get("base_model", "")) in BUNDLED_BASES:
+        base = load_model().config.provenance or {}
+        return dict(base.get("trained_on") or {}), (
+            "fine-tuned from napari-unet's bundled model on the user's own annotations")
+    return {}, "trained on the user's own annotations"
+
+
+def _documentation(config: ModelConfig, name: str, extra: int,
+                   trained_on: dict[str, list], note: str) -> str:
+    prov = config.provenance or {}
+    datasets = sorted(trained_on)
     lines = [
         f"# {name}",
         "",
@@ -291,10 +312,10 @@ def _documentation(config: ModelConfig, name: str, extra: int, datasets: list[st
     if datasets:
         for key in datasets:
             d = DATASETS.get(key, {"name": key, "licence": "see the data set's terms"})
-            n = len((prov.get("trained_on") or {}).get(key, []))
+            n = len(trained_on.get(key, []))
             lines.append(f"- {d['name']}: {n} image(s); licence: {d['licence']}.")
-    else:
-        lines.append("- Fine-tuned on the user's own annotations (see provenance below).")
+    if note:
+        lines.append(f"- {note[0].upper()}{note[1:]} (see the provenance below).")
     scores = prov.get("validation_scores")
     if scores:
         lines += ["", "Held-out validation (instance AP@0.5 / pixel IoU):", ""]
@@ -401,8 +422,9 @@ def export_model_iter(
         from .postprocess import labels_from_probs
 
         _cover(image, labels_from_probs(test_outs[0][0]), tmp / "cover.png")
-        datasets = sorted((config.provenance.get("trained_on") or {}).keys())
-        (tmp / "README.md").write_text(_documentation(config, name, extra, datasets))
+        trained_on, note = _training_data(config)
+        datasets = sorted(trained_on)
+        (tmp / "README.md").write_text(_documentation(config, name, extra, trained_on, note))
 
         ts = None
         if torchscript:
@@ -420,7 +442,7 @@ def export_model_iter(
                 parent="pytorch_state_dict")
 
         yield "describing the package"
-        descr = _describe(tmp, config, name, description, authors, extra, datasets, ts)
+        descr = _describe(tmp, config, name, description, authors, extra, datasets, note, ts)
         descr = update_hashes(descr)  # sha256 of every file, so consumers can verify them
         yield "writing the package"
         tmp_out = output.with_name(f".{output.name}.tmp")
@@ -480,7 +502,8 @@ def _reference_outputs(arch: torch.nn.Module, test_in: np.ndarray,
 
 
 def _describe(tmp: Path, config: ModelConfig, name: str, description: str | None,
-              authors: list[str] | None, extra: int, datasets: list[str], ts: Any) -> Any:
+              authors: list[str] | None, extra: int, datasets: list[str], note: str,
+              ts: Any) -> Any:
     from bioimageio.spec.model import v0_5
 
     prov = config.provenance or {}
@@ -547,12 +570,9 @@ def _describe(tmp: Path, config: ModelConfig, name: str, description: str | None
         if str(c.doi) not in seen:
             seen.add(str(c.doi))
             unique.append(c)
-    if not datasets:
-        training = "the user's own annotations (napari-unet fine-tuning)"
-    else:
-        training = "; ".join(
-            f"{DATASETS.get(k, {}).get('name', k)} ({DATASETS.get(k, {}).get('licence', '?')})"
-            for k in datasets)
+    training = "; ".join(
+        [f"{DATASETS.get(k, {}).get('name', k)} ({DATASETS.get(k, {}).get('licence', '?')})"
+         for k in datasets] + ([note] if note else []))
     settings = prov.get("settings") or {}
     bio_config = v0_5.BioimageioConfig(
         architecture_type="U-Net",
@@ -579,7 +599,7 @@ def _describe(tmp: Path, config: ModelConfig, name: str, description: str | None
         name=name,
         description=description or (
             f"2D U-Net for cell/nucleus segmentation ({', '.join(config.classes)}) exported by "
-            f"napari-unet; trained on {training}."),
+            f"napari-unet; training data: {training}."),
         authors=[v0_5.Author(name=a) for a in (authors or ["napari-unet contributors"])],
         cite=unique,
         license="BSD-3-Clause",
