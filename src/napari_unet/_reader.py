@@ -1,11 +1,12 @@
 """npe2 reader for napari-unet models: opening one makes it the widgets' model.
 
-Accepted: napari-unet ``.safetensors`` model files and bioimage.io packages (``.zip``, a
-folder holding ``rdf.yaml``, or the ``rdf.yaml`` itself). Other safetensors files (any
-other tool's weights) and zips/folders that are not bioimage.io packages get ``None``, so
-napari offers them to other readers. A model is not a layer: the reader registers it with
-the widgets (it appears, selected, in the Segment and Train widgets' model choice) and
-returns napari's "no layers" sentinel ``[(None,)]``.
+Accepted: napari-unet ``.safetensors`` model files and bioimage.io packages (``.zip``, or
+the ``rdf.yaml`` of an unzipped package: napari matches folders by name, so the manifest
+does not claim folders, which would make napari ask about every folder opened). Other
+safetensors files (any other tool's weights) and zips that are not bioimage.io packages get
+``None``, so napari offers them to other readers. A model is not a layer: the reader
+registers it with the widgets (it appears, selected, in the Segment and Train widgets' model
+choice) and returns napari's "no layers" sentinel ``[(None,)]``.
 """
 
 from __future__ import annotations
