@@ -592,7 +592,7 @@ def test_manifest_is_valid_and_imports():
     manifest = npe2.PluginManifest.from_file(ROOT / "napari.yaml")
     manifest.validate_imports()
     assert {w.display_name for w in manifest.contributions.widgets} == \
-        {"Annotate", "Train", "Segment"}
+        {"Annotate", "Train", "Segment", "Measure"}
 
 
 def test_plugin_widgets_reader_and_writer(plugin_viewer, notes, tmp_path):

@@ -1,4 +1,4 @@
-"""Command line: ``napari-unet segment | train | evaluate | demo``.
+"""Command line: ``napari-unet segment | train | export | evaluate | demo``.
 
 Every command calls the same engine functions as the napari widgets.
 """
@@ -31,7 +31,8 @@ from .train import TrainConfig, Trainer, pairs_from_arrays, train_config
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     d = InferenceConfig()
     p.add_argument("--model", type=Path, default=None,
-                   help="model file (.safetensors); default: the bundled model")
+                   help="model file (.safetensors) or bioimage.io package (.zip or folder); "
+                   "default: the bundled model")
     p.add_argument("--tile", type=int, default=d.tile, help="tile size in pixels")
     p.add_argument("--overlap", type=int, default=d.overlap, help="tile overlap in pixels")
     p.add_argument("--batch", type=int, default=d.batch_size, help="tiles per forward pass")
@@ -102,6 +103,72 @@ def _segment_client(args: argparse.Namespace):
 
 def cmd_segment(args: argparse.Namespace) -> int:
     jobs = _segment_jobs(args)
+    if args.measure is not None and args.measure.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.measure} exists; pass --overwrite or pick another name")
+    if args.model is not None and _is_foreign_package(args.model):
+        code = _segment_foreign(args, jobs)
+    else:
+        code = _segment_napari_unet(args, jobs)
+    if code == 0 and args.measure is not None:
+        _measure_outputs(args, jobs)
+    return code
+
+
+def _is_foreign_package(path: Path) -> bool:
+    """A bioimage.io package that another tool made (napari-unet's own load as a UNet)."""
+    from .bioimageio import is_package, napari_unet_config
+
+    return is_package(path) and napari_unet_config(path) is None
+
+
+def _segment_foreign(args: argparse.Namespace, jobs: list[Job]) -> int:
+    """Run another tool's 2D bioimage.io model plane by plane through bioimageio.core."""
+    from .bioimageio import ForeignModel
+    from .segment import label_key, output_shape, plane_indices, read_plane
+
+    foreign = ForeignModel(args.model, device="cpu" if args.device == "auto" else args.device)
+    print(f"{args.model.name}: bioimage.io model '{foreign.descr.name}' run by "
+          f"bioimageio.core ({foreign.support.output_kind} output -> labels)")
+    for job in jobs:
+        if job.output is None:
+            raise SystemExit("give -o for models run through bioimageio.core")
+        image = io.read_image(job.source)
+        axis = args.channel_axis
+        labels = np.zeros(output_shape(image.shape, axis), np.int32)
+        keys = list(plane_indices(image.shape, axis))
+        offset = 0
+        for key in tqdm(keys, desc=job.source.name, unit="plane", disable=None):
+            plane = foreign.segment_plane(read_plane(image, key, axis))
+            labels[label_key(key, axis)] = np.where(plane > 0, plane + offset, 0)
+            offset = max(offset, int(labels.max()))
+        io.write_labels(job.output, labels, overwrite=args.overwrite)
+    return 0
+
+
+def _measure_outputs(args: argparse.Namespace, jobs: list[Job]) -> None:
+    """Per-object table of every output (a first column names the image) as one CSV."""
+    from .measure import append_tables, measure, write_csv
+
+    tables = []
+    for job in jobs:
+        out = job.output if job.output is not None else job.source / "labels" / job.label_name
+        labels = io.read_image(out)
+        image = io.read_image(job.source)
+        axis = args.channel_axis
+        if axis is None and image.ndim == labels.ndim + 1:
+            axes = io.read_axes(job.source) or ""
+            axis = axes.index("c") if "c" in axes else None
+        if image.ndim != labels.ndim + (axis is not None):
+            image = None  # e.g. RGB read without its channel axis: shapes only
+        mode = "3d" if args.stitch_3d and labels.ndim >= 3 else "planes"
+        tables.append((job.source.name, measure(labels, image, mode=mode, channel_axis=axis)))
+    table = append_tables(tables)
+    write_csv(table, args.measure, overwrite=args.overwrite)
+    n = len(table.get("label", []))
+    print(f"{n} object(s) measured into {args.measure}")
+
+
+def _segment_napari_unet(args: argparse.Namespace, jobs: list[Job]) -> int:
     client = _segment_client(args)
     gen = segment_batch(
         jobs, model_path=args.model, inference=_inference_config(args),
@@ -179,6 +246,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bioimageio import export_model_iter, test_package
+
+    test_image = None
+    if args.test_image is not None:
+        test_image = np.asarray(io.read_image(args.test_image))
+    gen = export_model_iter(args.model, args.output, name=args.name, authors=args.author,
+                            test_image=test_image, torchscript=not args.no_torchscript,
+                            overwrite=args.overwrite)
+    drive(gen, print)
+    print(f"wrote {args.output}")
+    if not args.no_test:
+        summary = test_package(args.output)
+        print(f"bioimageio.core package test: {summary.status}")
+        if summary.status != "passed":
+            print(summary.format(), file=sys.stderr)
+            return 1
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_many, format_table
 
@@ -236,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=PostprocessConfig().min_size)
     p.add_argument("--semantic", action="store_true",
                    help="write classes (0 bg, 1 interior, 2 boundary) instead of instances")
+    p.add_argument("--measure", type=Path, default=None, metavar="OUT.csv",
+                   help="also write a per-object table (area, centroid, bbox, intensity, "
+                   "shape; volume with --stitch-3d) of every output as CSV")
     p.add_argument("--overwrite", action="store_true",
                    help="redo and replace existing outputs (default: skip complete outputs, "
                    "resume interrupted ones)")
@@ -290,6 +380,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "export", help="write a model as a bioimage.io package (zip) and test it",
+        description="Export a napari-unet model as a bioimage.io model package: "
+        "pytorch_state_dict weights with the architecture, TorchScript, pre/post-processing, "
+        "test tensors from a real image, cover, documentation, citations and provenance; "
+        "then run the package's test with bioimageio.core.")
+    p.add_argument("model", type=Path, nargs="?", default=None,
+                   help="model file (.safetensors); default: the bundled model")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="package: a .zip file, or a folder for any other name")
+    p.add_argument("--name", default=None, help="model name shown on bioimage.io")
+    p.add_argument("--author", action="append", default=None,
+                   help="author name (repeat for several)")
+    p.add_argument("--test-image", type=Path, default=None,
+                   help="image for the test input/output (default: the bundled sample)")
+    p.add_argument("--no-torchscript", action="store_true",
+                   help="pytorch_state_dict weights only")
+    p.add_argument("--no-test", action="store_true", help="skip the bioimageio.core test")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="pixel IoU, instance AP@IoU and F1 against ground truth")
     p.add_argument("--pred", nargs="+", type=Path, required=True)

@@ -1,4 +1,4 @@
-"""Lazy, Qt-free image I/O: TIFF / OME-TIFF, Zarr / OME-Zarr (NGFF 0.4) and PNG/JPEG.
+"""Lazy, Qt-free image I/O: TIFF / OME-TIFF, Zarr / OME-Zarr (NGFF 0.4, 0.5) and PNG/JPEG.
 
 Images can be tens of GB, so readers return dask arrays backed by the file (TIFF pages or zarr
 chunks are only decoded when a block is computed) and writers stream plane by plane.
@@ -322,49 +322,53 @@ def create_label_store(
     )
 
 
+NGFF_VERSIONS = ("0.4", "0.5")  # 0.4: zarr v2, attributes at the top; 0.5: zarr v3, under "ome"
+
+
 def write_ome_zarr_image(
     path: str | os.PathLike,
     image: np.ndarray | da.Array,
     axes: str,
     *,
     overwrite: bool = False,
+    version: str = "0.4",
+    levels: int = 1,
 ) -> str:
-    """Write a single-scale OME-Zarr 0.4 image (zarr v2, scale 1.0) and return its path.
+    """Write an OME-Zarr image (``version`` "0.4": zarr v2, "0.5": zarr v3) and return its path.
 
-    ``axes`` names each dimension in NGFF order, e.g. ``"zyx"`` or ``"tczyx"``.
+    ``axes`` names each dimension in NGFF order, e.g. ``"zyx"`` or ``"tczyx"``. ``levels`` > 1
+    adds a pyramid: level ``i`` takes every ``2**i``-th pixel in Y and X (scale ``2**i``).
     """
     p = Path(path)
+    if version not in NGFF_VERSIONS:
+        raise ValueError(f"OME-Zarr version {version!r} is not supported; use one of "
+                         f"{NGFF_VERSIONS}.")
+    if levels < 1:
+        raise ValueError(f"levels must be at least 1, got {levels}")
     if not isinstance(image, da.Array):
         image = np.asarray(image)
     axes = _validate_axes(axes, image.ndim)
     _check_target(p, overwrite, want_dir=True)
     tmp = _temp_sibling(p)
     try:
-        group = zarr.open_group(str(tmp), mode="w-", zarr_format=2)
-        target = group.create_array(
-            "0",
-            shape=image.shape,
-            dtype=image.dtype,
-            chunks=_default_chunks(image.shape),
-            chunk_key_encoding=_CHUNK_KEYS,
-        )
-        _store(image, target)
+        group = zarr.open_group(str(tmp), mode="w-", zarr_format=_zarr_format(version))
+        datasets = []
+        for i in range(levels):
+            data = image[..., :: 2**i, :: 2**i]
+            target = group.create_array(
+                str(i), shape=data.shape, dtype=data.dtype, chunks=_default_chunks(data.shape),
+                **_chunk_keys(version),
+            )
+            _store(data, target)
+            scale = [1.0] * (image.ndim - 2) + [float(2**i)] * 2
+            datasets.append({"path": str(i), "coordinateTransformations": [
+                {"type": "scale", "scale": scale}]})
         name = p.name[: -len(".zarr")] if p.name.lower().endswith(".zarr") else p.name
-        group.attrs["multiscales"] = [
-            {
-                "version": "0.4",
-                "name": name,
-                "axes": [{"name": a, "type": _AXIS_TYPES[a]} for a in axes],
-                "datasets": [
-                    {
-                        "path": "0",
-                        "coordinateTransformations": [
-                            {"type": "scale", "scale": [1.0] * image.ndim}
-                        ],
-                    }
-                ],
-            }
-        ]
+        ms = {"name": name, "axes": [{"name": a, "type": _AXIS_TYPES[a]} for a in axes],
+              "datasets": datasets, "type": "subsample",
+              "metadata": {"description": "level i keeps every 2**i-th pixel in Y and X",
+                           "method": "numpy slicing [..., ::2**i, ::2**i]"}}
+        group.attrs.update(_ngff_attrs(version, multiscales=[ms]))
         _move_into_place(tmp, p)
     finally:
         _remove(tmp)
@@ -378,12 +382,13 @@ def write_ome_zarr_labels(
     *,
     overwrite: bool = False,
 ) -> str:
-    """Add ``labels`` to an OME-Zarr 0.4 image as ``labels/<name>`` and return that path.
+    """Add ``labels`` to an OME-Zarr 0.4 or 0.5 image as ``labels/<name>``; returns that path.
 
-    The label image gets one level ("0") whose axes and coordinate transformations are copied
-    from the image, so viewers overlay it in the same physical space. ``labels`` must have the
-    image's level-0 shape; a missing channel axis is inserted with size 1. Other labels already
-    listed in ``labels/.zattrs`` are kept.
+    The label image gets the image's NGFF version and zarr format, and one level per image
+    level: same dataset paths, shapes (nearest-neighbour downsampling of ``labels``), axes
+    and coordinate transformations, so viewers overlay it in the same physical space at
+    every zoom. ``labels`` must have the image's level-0 shape; a missing channel axis is
+    inserted with size 1. Other labels already listed in the ``labels`` group are kept.
     """
     root = Path(image_path)
     if not root.exists():
@@ -395,19 +400,20 @@ def write_ome_zarr_labels(
     # Consolidated metadata would hide the new labels from readers, so bypass it and refresh it
     # afterwards if the image has it.
     group = zarr.open_group(str(root), mode="r+", use_consolidated=False)
-    if group.metadata.zarr_format != 2:
-        raise ValueError(
-            f"'{root}' is a zarr v3 (OME-Zarr 0.5+) image; only OME-Zarr 0.4 (zarr v2) images "
-            "can receive labels."
-        )
+    zarr_format = group.metadata.zarr_format
     multiscales = _multiscales(group.attrs)
     if not multiscales:
         raise ValueError(f"'{root}' has no 'multiscales' metadata; expected an OME-Zarr image.")
+    version = "0.4" if zarr_format == 2 else str(
+        (group.attrs.get("ome") or {}).get("version", "0.5"))
+    if version not in NGFF_VERSIONS:
+        raise ValueError(f"'{root}' is OME-Zarr {version}; labels can be added to OME-Zarr "
+                         f"{' and '.join(NGFF_VERSIONS)} images only.")
     ms = multiscales[0]
-    level0 = ms["datasets"][0]
     axes_meta = copy.deepcopy(ms.get("axes", []))
     axis_names = [a["name"] if isinstance(a, dict) else a for a in axes_meta]
-    labels = _match_image_shape(_as_labels(labels), group[level0["path"]].shape, axis_names)
+    image_levels = [(ds, group[ds["path"]].shape) for ds in ms["datasets"]]
+    labels = _match_image_shape(_as_labels(labels), image_levels[0][1], axis_names)
 
     labels_dir = root / "labels"
     label_dir = labels_dir / name
@@ -418,50 +424,87 @@ def write_ome_zarr_labels(
         )
     labels_group = group.require_group("labels")
     label_ms: dict[str, Any] = {
-        "version": "0.4",
         "name": name,
         "axes": axes_meta,
         "datasets": [
-            {
-                "path": "0",
-                "coordinateTransformations": copy.deepcopy(
-                    level0.get("coordinateTransformations", [])
-                ),
-            }
+            {"path": ds["path"],
+             "coordinateTransformations": copy.deepcopy(ds.get("coordinateTransformations", []))}
+            for ds, _ in image_levels
         ],
     }
     if "coordinateTransformations" in ms:
         label_ms["coordinateTransformations"] = copy.deepcopy(ms["coordinateTransformations"])
+    label_ms.update({"type": "nearest", "metadata": {
+        "description": "each level samples the full-resolution labels at the image level's "
+        "shape (pixel i * N // n): ids are never averaged",
+        "method": "napari_unet.io._nearest_level"}})
 
     tmp = _temp_sibling(label_dir)
     try:
-        label_group = zarr.open_group(str(tmp), mode="w-", zarr_format=2)
-        target = label_group.create_array(
-            "0",
-            shape=labels.shape,
-            dtype=labels.dtype,
-            chunks=_default_chunks(labels.shape),
-            fill_value=0,
-            chunk_key_encoding=_CHUNK_KEYS,
-        )
-        _store(labels, target)
-        label_group.attrs.update(
-            {
-                "multiscales": [label_ms],
-                "image-label": {"version": "0.4", "source": {"image": "../../"}},
-            }
-        )
+        label_group = zarr.open_group(str(tmp), mode="w-", zarr_format=zarr_format)
+        for ds, shape in image_levels:
+            level = _nearest_level(labels, shape)
+            target = label_group.create_array(
+                ds["path"], shape=level.shape, dtype=level.dtype,
+                chunks=_default_chunks(level.shape), fill_value=0, **_chunk_keys(version),
+            )
+            _store(level, target)
+        label_group.attrs.update(_ngff_attrs(
+            version, multiscales=[label_ms], **{"image-label": {"source": {"image": "../../"}}}))
         _move_into_place(tmp, label_dir)
     finally:
         _remove(tmp)
 
     # Listed only once the data is in place, so a crash never advertises missing labels.
-    listed = list(labels_group.attrs.get("labels", []))
+    listed = list(_ngff_section(labels_group.attrs).get("labels", []))
     if name not in listed:
-        labels_group.attrs["labels"] = [*listed, name]
+        labels_group.attrs.update(_ngff_attrs(version, labels=[*listed, name]))
     if (root / ".zmetadata").exists():
         zarr.consolidate_metadata(str(root), zarr_format=2)
+    elif zarr_format == 3 and group.metadata.consolidated_metadata is not None:
+        zarr.consolidate_metadata(str(root), zarr_format=3)
     return str(label_dir)
+
+
+def _zarr_format(version: str) -> int:
+    return 2 if version == "0.4" else 3
+
+
+def _chunk_keys(version: str) -> dict[str, Any]:
+    # zarr v3's default chunk keys already use "/" (c/0/0); v2 needs it asked for.
+    return {"chunk_key_encoding": _CHUNK_KEYS} if version == "0.4" else {}
+
+
+def _ngff_attrs(version: str, **fields: Any) -> dict[str, Any]:
+    """NGFF metadata as group attributes: 0.4 puts each field at the top with its own
+    "version"; 0.5 nests them under "ome" with one "version"."""
+    if version == "0.4":
+        out = copy.deepcopy(fields)
+        for key in ("multiscales",):
+            for entry in out.get(key, []):
+                entry.setdefault("version", version)
+        if "image-label" in out:
+            out["image-label"] = {"version": version, **out["image-label"]}
+        return out
+    return {"ome": {"version": version, **copy.deepcopy(fields)}}
+
+
+def _ngff_section(attrs: Any) -> dict[str, Any]:
+    attrs = dict(attrs)
+    return dict(attrs["ome"]) if isinstance(attrs.get("ome"), dict) else attrs
+
+
+def _nearest_level(
+    labels: np.ndarray | da.Array, shape: tuple[int, ...]
+) -> np.ndarray | da.Array:
+    """``labels`` resampled to ``shape`` by nearest neighbour (pixel ``i * N // n``): label
+    values are ids, never averaged. The identity when the shapes agree."""
+    for axis, (n_full, n) in enumerate(zip(labels.shape, shape, strict=True)):
+        if n_full == n or n_full == 1:
+            continue
+        idx = (np.arange(n) * n_full) // n
+        labels = labels[(slice(None),) * axis + (idx,)]
+    return labels
 
 
 # --------------------------------------------------------------------------------------------

@@ -165,6 +165,11 @@ def save_model(model: UNet, path: str | os.PathLike, *, overwrite: bool = False)
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> UNet:
     """Load a model file (the bundled model when ``path`` is None) in eval mode."""
     path = bundled_model_path() if path is None else Path(path)
+    if path.suffix.lower() in (".zip", ".yaml") or path.is_dir():
+        # A bioimage.io package (napari-unet exported it): same model, other container.
+        from .bioimageio import load_package_model
+
+        return load_package_model(path, device)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found")
     try:

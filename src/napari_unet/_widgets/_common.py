@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 TAG = "napari_unet"  # key of the plugin's entry in layer.metadata
 DEVICES = ("auto", "cuda", "mps", "cpu")
 MODEL_FILTER = "napari-unet model (*.safetensors)"
+OPEN_MODEL_FILTER = f"{MODEL_FILTER};;bioimage.io package made by napari-unet (*.zip *.yaml)"
 
 # ---------------------------------------------------------------- notifications
 # Widgets call these (never napari's functions directly) so tests can capture them.
@@ -155,7 +156,8 @@ class ModelPicker(QWidget):
             self.refresh(select=entry.label)
 
     def _ask_load(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load a napari-unet model", "", MODEL_FILTER)
+        path, _ = QFileDialog.getOpenFileName(self, "Load a napari-unet model", "",
+                                              OPEN_MODEL_FILTER)
         if path:
             self.load_file(path)
 

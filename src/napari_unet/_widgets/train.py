@@ -47,6 +47,7 @@ from ..train import (
     train_config,
 )
 from . import _common as c
+from .export import ExportButton
 
 PREVIEW_MAX = 384  # preview at most this many pixels square (around the view centre)
 PREVIEW_EVERY_S = 3.0
@@ -239,6 +240,8 @@ class TrainWidget(QWidget):
         buttons.addWidget(self.train_button)
         buttons.addWidget(self.stop_button)
         buttons.addWidget(self.save_button)
+        buttons.addWidget(ExportButton(
+            lambda: self.model if self.model is not None else self.model_picker.model()))
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
