@@ -199,9 +199,9 @@ class NapariUNet(UNet):
         k = self.config.n_classes
         if (self.n_out if self.n_out is not None else y.shape[1]) == k:
             return y
-        # Extra channels (e.g. a distance map) are a second output, activated by the model.
-        act = self.activate(y) if hasattr(self, "activate") else y
-        return y[:, :k], act[:, k:]
+        # Extra channels (the distance map) are a second output, in [0, 1] as napari-unet
+        # post-processing reads it (model.activate).
+        return y[:, :k], torch.sigmoid(y[:, k:])
 ''')
     return "\n".join(parts)
 
