@@ -29,7 +29,7 @@ import torch
 
 from napari_unet.datasets import load_dataset, split
 from napari_unet.evaluate import evaluate_many
-from napari_unet.model import ModelConfig, UNet, save_model
+from napari_unet.model import ModelConfig, UNet, load_model, save_model
 from napari_unet.postprocess import PostprocessConfig
 from napari_unet.segment import InferenceConfig, Predictor, segment_image
 from napari_unet.targets import instances_to_annotation
@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--val", nargs="+", default=None,
                     help="validation sets to score (default: all of them)")
     ap.add_argument("--checkpoint-every", type=int, default=250)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this model file (same architecture) instead of random "
+                    "weights: a second, warm-restarted schedule; its provenance is chained")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -110,6 +113,14 @@ def main() -> None:
                           tile=args.tile, device=args.device, cosine=True, seed=args.seed,
                           snapshot_every=100, image_balance=args.balance)
     model = UNet(ModelConfig(depth=args.depth, base_channels=args.base, distance=args.distance))
+    init_provenance = None
+    if args.init is not None:
+        start = load_model(args.init)
+        if (start.config.depth, start.config.base_channels, start.config.distance) != (
+                args.depth, args.base, args.distance):
+            raise SystemExit(f"--init {args.init} has another architecture than asked for")
+        model.load_state_dict(start.state_dict())
+        init_provenance = start.config.provenance
     trainer = Trainer(model, pairs, config)
     previous_seconds = 0.0
     if state_path.exists():
@@ -119,6 +130,8 @@ def main() -> None:
             raise SystemExit(f"{state_path} was made with other settings {meta['settings']}; "
                              "use another --out or delete it to start over")
         previous_seconds = meta["train_seconds"]
+        # A schedule fitted to the first run's time budget keeps its length.
+        config.steps = meta.get("scheduled_steps", config.steps)
         log(f"resumed at step {trainer.step} ({previous_seconds:.0f} s trained before)")
     else:
         log(f"start: {len(pairs)} training images, settings {_settings(args)}, "
@@ -129,7 +142,7 @@ def main() -> None:
     def checkpoint() -> None:
         trainer.save_state(state_path)
         out.with_suffix(".progress.json").write_text(json.dumps({
-            "settings": _settings(args), "step": trainer.step,
+            "settings": _settings(args), "step": trainer.step, "scheduled_steps": config.steps,
             "train_seconds": previous_seconds + time.perf_counter() - t0}))
 
     fitted = not (args.max_minutes and args.fit_schedule) or trainer.step > 0
@@ -169,6 +182,10 @@ def main() -> None:
                          "slices; dsb_nuclei_demo unused (sample data source)",
         "validation_scores": scores,
         "settings": _settings(args),
+        "initialised_from": init_provenance and {
+            k: init_provenance.get(k) for k in ("settings", "train_seconds", "steps_done",
+                                                "device", "initialised_from")},
+        "total_train_seconds": round(train_seconds + _chain_seconds(init_provenance), 1),
         "train_seconds": round(train_seconds, 1),
         "steps_done": trainer.step,
         "final_loss": round(float(np.mean(trainer.losses[-100:])), 4),
@@ -188,7 +205,16 @@ def main() -> None:
 
 def _settings(args: argparse.Namespace) -> dict:
     keep = ("steps", "batch", "tile", "lr", "depth", "base", "distance", "balance", "seed")
-    return {k: getattr(args, k) for k in keep}
+    return {k: getattr(args, k) for k in keep} | {"init": args.init and args.init.name}
+
+
+def _chain_seconds(provenance: dict | None) -> float:
+    """Training seconds of the runs a model was initialised from, all the way back."""
+    total = 0.0
+    while provenance:
+        total += provenance.get("train_seconds") or 0.0
+        provenance = provenance.get("initialised_from")
+    return total
 
 
 def _device_name(device: torch.device) -> str:
