@@ -18,7 +18,7 @@ import torch
 from .device import autocast, resolve_precision, select_device, to_device
 from .model import UNet, check_channels, fuse_batchnorm
 from .normalize import check_finite, normalize
-from .params import ConfigError, check, param
+from .params import ConfigError, check, check_multiple, param
 from .postprocess import PostprocessConfig, labels_from_probs
 from .tiling import drain, sliding_window_iter
 
@@ -51,6 +51,13 @@ class InferenceConfig:
                 f"({2 * self.margin}) and smaller than the tile ({self.tile})")
 
 
+def check_against_model(config: InferenceConfig, model_config: Any) -> None:
+    """Raise ConfigError unless tile and overlap fit the model (multiples of its divisor)."""
+    why, divisor = f"a model of depth {model_config.depth}", model_config.divisor
+    check_multiple("InferenceConfig", "tile", config.tile, divisor, why)
+    check_multiple("InferenceConfig", "overlap", config.overlap, divisor, why)
+
+
 @dataclass
 class SegmentProgress:
     """Planes done (fractional within the current plane) out of the total."""
@@ -72,6 +79,7 @@ class Predictor:
     def __init__(self, model: UNet, config: InferenceConfig | None = None) -> None:
         self.config = config or InferenceConfig()
         self.model_config = model.config
+        check_against_model(self.config, model.config)
         self.device = select_device(self.config.device)
         self.amp = resolve_precision(self.device, self.config.precision)
         # A private (fused) copy: the caller's model may keep training in another thread.

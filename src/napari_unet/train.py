@@ -25,7 +25,7 @@ from .device import autocast, resolve_precision, select_device, to_device
 from .losses import prior_consistency, weighted_cross_entropy
 from .model import UNet, check_channels, save_model
 from .normalize import normalize
-from .params import check, param
+from .params import check, check_multiple, param
 from .targets import FIRST_CELL, IGNORE_INDEX, check_annotation, check_label_dtype, make_targets
 
 
@@ -250,6 +250,9 @@ class Trainer:
         if pairs:
             check_channels(model.config.in_channels,
                            _as_chw(pairs[0].image, pairs[0].name).shape[0], pairs[0].name)
+        # Checked here, not in the first step: a raw torch size mismatch says nothing useful.
+        check_multiple("TrainConfig", "tile", config.tile, model.config.divisor,
+                       f"a model of depth {model.config.depth}")
         self.config = config
         self.device = select_device(config.device)
         self.amp = resolve_precision(self.device, config.precision)
