@@ -129,13 +129,21 @@ def bundled_model_path() -> Path:
     return Path(str(resources.files("napari_unet") / "models" / BUNDLED_MODEL))
 
 
-def save_model(model: UNet, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write weights + JSON config atomically; refuses to replace a file unless asked."""
+def check_model_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Check where a model file will go (suffix, folder, existing file) before training."""
+    from .outputs import check_output
+
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ModelFileError(f"model files end in .safetensors, got {path.name!r}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True")
+        raise ModelFileError(f"{path}: model files end in .safetensors, not "
+                             f"{path.suffix or '(no suffix)'!r}; e.g. -o {path.stem}.safetensors")
+    return check_output(path, suffixes=(".safetensors",), what="model file",
+                        overwrite=overwrite)
+
+
+def save_model(model: UNet, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write weights + JSON config atomically; refuses to replace a file unless asked."""
+    path = check_model_output(path, overwrite=overwrite)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={"format": FORMAT, "config": model.config.to_json()})
@@ -223,7 +231,7 @@ def inspect_model_file(path: str | os.PathLike) -> ModelConfig:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             stored = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-                      for k in f.keys()}
+                      for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(
             f"{path} is not a napari-unet model file (safetensors expected): {exc}"

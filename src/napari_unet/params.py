@@ -120,9 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         if name in exclude or (wanted is not None and name not in wanted):
             continue
         default = getattr(defaults, name)
+        rule = "" if spec.describe() == "any value" else f"{spec.describe()}; "
         kwargs: dict[str, Any] = {
             "default": argparse.SUPPRESS if unset_default else default, "dest": prefix + name,
-            "help": f"{spec.help} ({spec.describe()}; default {default})".replace("%", "%%")}
+            "help": f"{spec.help} ({rule}default {default})".replace("%", "%%")}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

@@ -17,7 +17,7 @@ import torch
 
 from .device import autocast, resolve_precision, select_device, to_device
 from .model import UNet, check_channels, fuse_batchnorm
-from .normalize import check_finite, normalize
+from .normalize import check_finite, check_image_dtype, normalize, resolve_rgb
 from .params import ConfigError, check, check_multiple, param
 from .postprocess import PostprocessConfig, labels_from_probs
 from .tiling import drain, sliding_window_iter
@@ -235,8 +235,12 @@ def segment(image: Any, model: UNet, **kwargs: Any) -> Any:
     """Blocking convenience: segment ``image`` with ``model`` and return the labels.
 
     Keyword arguments go to :class:`InferenceConfig` (tile, overlap, ...) or
-    :func:`segment_image` (channel_axis, postprocess, out, ...).
+    :func:`segment_image` (channel_axis, postprocess, out, ...); ``rgb`` says how a colour
+    image is read (see :func:`napari_unet.normalize.resolve_rgb`).
     """
     fields = InferenceConfig.__dataclass_fields__
     config = InferenceConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+    check_image_dtype(image.dtype)
+    # A colour image is converted (rgb="gray"), read as is (rgb="none") or refused.
+    image = resolve_rgb(image, channel_axis=kwargs.get("channel_axis"), rgb=kwargs.pop("rgb", None))
     return drain(segment_image(image, Predictor(model, config), **kwargs))
