@@ -23,7 +23,14 @@ from .annotation_file import complete_mask, read_sidecar
 from .augment import AugmentConfig
 from .device import select_device
 from .distributed import BatchError, Job, StitchSettings, local_client, segment_batch
-from .model import ModelFileError, UNet, check_model_output, load_model, save_model
+from .model import (
+    ModelFileError,
+    UNet,
+    check_model_output,
+    inspect_model_file,
+    load_model,
+    save_model,
+)
 from .normalize import check_image_dtype, file_is_rgb, resolve_rgb
 from .outputs import check_output, check_writable_folder
 from .params import ConfigError, Spec
@@ -150,6 +157,8 @@ def _segment_client(args: argparse.Namespace):
 def cmd_segment(args: argparse.Namespace) -> int:
     # Settings, outputs and inputs are checked before a cluster starts or a plane is read.
     inference, postprocess = _inference_config(args), _postprocess_config(args)
+    if args.model is not None:
+        inspect_model_file(args.model)
     jobs = _segment_jobs(args)
     _check_inputs(args)
     client = _segment_client(args)
