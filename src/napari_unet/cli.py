@@ -105,7 +105,8 @@ def _segment_jobs(args: argparse.Namespace) -> list[Job]:
             if src.is_dir():
                 check_writable_folder(src, f"labels of {src}")
         return [Job(src, None, args.label_name) for src in args.inputs]
-    if len(args.inputs) == 1:
+    if len(args.inputs) == 1 and not (args.output.is_dir()
+                                      and args.output.suffix.lower() not in suffixes):
         # Existing outputs are resumed, skipped or replaced by the batch runner.
         check_output(args.output, suffixes=suffixes, what="label output")
         return [Job(args.inputs[0], args.output, args.label_name)]
@@ -159,8 +160,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     inference, postprocess = _inference_config(args), _postprocess_config(args)
     if args.model is not None:
         inspect_model_file(args.model)
-    jobs = _segment_jobs(args)
     _check_inputs(args)
+    jobs = _segment_jobs(args)
     client = _segment_client(args)
     gen = segment_batch(
         jobs, model_path=args.model, inference=inference, postprocess=postprocess,
