@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import napari_unet.model as model_mod
@@ -289,8 +289,9 @@ def test_train_cancel_through_the_api_writes_the_checkpoint(files, tmp_path):
 
 
 def test_train_disk_full_is_a_message(files, tmp_path, capsys, monkeypatch):
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "m.safetensors"))
+    def full(*args, **kwargs):  # what safetensors raises when the disk is full
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
 
     monkeypatch.setattr(model_mod, "save_file", full)
     rc, err = run_cli(capsys, *_train_argv(files, tmp_path / "m.safetensors"))

@@ -8,9 +8,11 @@ metadata. ``safetensors`` never unpickles, so loading cannot run code from the f
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -146,8 +148,17 @@ def save_model(model: UNet, path: str | os.PathLike, *, overwrite: bool = False)
     path = check_model_output(path, overwrite=overwrite)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT, "config": model.config.to_json()})
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "config": model.config.to_json()})
+        os.replace(tmp, path)
+    except SafetensorError as exc:
+        # safetensors reports I/O failures (disk full, read-only) as its own error type;
+        # as an OSError they get the same handling as any other failed write.
+        code = re.search(r"os error (\d+)", str(exc))
+        err = int(code.group(1)) if code else errno.EIO
+        raise OSError(err, os.strerror(err), str(path)) from exc
+    finally:
+        tmp.unlink(missing_ok=True)  # a half-written file must not fill the disk
     return path
 
 

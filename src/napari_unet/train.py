@@ -194,7 +194,7 @@ def pairs_from_arrays(
     """
     from .segment import check_image, label_key, output_shape, plane_indices, read_plane
 
-    check_image_dtype(image.dtype, name)
+    check_image_dtype(image.dtype, f"image {name}")
     image = resolve_rgb(image, channel_axis=channel_axis, rgb=rgb, name=name,
                         option=rgb_option)
     shape = tuple(image.shape)
