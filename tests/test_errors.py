@@ -78,7 +78,7 @@ def assert_user_error(rc: int, err: str, *words: str) -> None:
 
 
 @pytest.mark.parametrize("name, words", [
-    ("rgb.tif", ["RGB colour samples", "the file says RGB", "--rgb none"]),
+    ("rgb.tif", ["RGB colour samples", "the file is a colour image", "--rgb none"]),
     ("rgba.png", ["RGBA colour samples", "--rgb none"]),
     ("bool.tif", ["boolean"]),
     ("complex.tif", ["complex"]),
@@ -151,7 +151,7 @@ def test_segment_output_missing_folder_bad_suffix_read_only(files, tmp_path, cap
     rc, err = run_cli(capsys, "segment", src, "-o", tmp_path / "nope" / "o.tif")
     assert_user_error(rc, err, "does not exist", str(tmp_path / "nope"))
     rc, err = run_cli(capsys, "segment", src, "-o", tmp_path / "o.png")
-    assert_user_error(rc, err, ".zarr or .tif", "'.png'")
+    assert_user_error(rc, err, ".zarr, .tif", "'.png'")
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")

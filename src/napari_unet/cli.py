@@ -52,8 +52,9 @@ def _ranged(kind: type, what: str, **spec: Any) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         try:
             params.check_value("option", what, value, rule)
-        except ConfigError as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix("option.")) from None
+        except ConfigError:
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not allowed: it must be {rule.describe()}") from None
         return value
 
     convert.__name__ = kind.__name__
@@ -408,16 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
 # exit code 2. Anything else is a bug and keeps its traceback.
 _USER_ERRORS = (ConfigError, ModelFileError, ValueError, FileNotFoundError, FileExistsError,
                 PermissionError, NotADirectoryError, IsADirectoryError)
-_USER_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 def _user_message(exc: BaseException) -> str | None:
     """The one-line message for a user error, or None for a bug."""
     if isinstance(exc, OSError) and (isinstance(exc, _USER_ERRORS) or exc.errno in _USER_ERRNOS):
         what = exc.strerror or str(exc)
-        if exc.errno in _USER_ERRNOS and _USER_ERRNOS[exc.errno] not in what.lower():
-            what = f"{what} ({_USER_ERRNOS[exc.errno]})"
         text = f"{exc.filename}: {what}" if exc.filename else what
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             text += "; free some space and run the same command again (finished work is kept)"

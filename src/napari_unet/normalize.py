@@ -132,7 +132,7 @@ def resolve_rgb(image: Any, *, channel_axis: int | None = None, rgb: str | None 
             image = np.asarray(image)
         return image[..., :3].mean(axis=-1, dtype=np.float32)
     kind = "RGBA" if shape[-1] == 4 else "RGB"
-    why = " (the file says RGB)" if photometric_rgb else ""
+    why = " (the file is a colour image)" if photometric_rgb else ""
     what = (f"{name} has shape {shape}: its last axis looks like {kind} colour samples{why}, "
             "which would be segmented as image columns")
     if "gray" in modes:

@@ -42,7 +42,8 @@ def check_output(path: str | os.PathLike, *, suffixes: Sequence[str], what: str,
     """
     path = Path(path)
     if path.suffix.lower() not in suffixes:
-        raise ValueError(f"{path}: the {what} must end in {' or '.join(suffixes)}, "
+        names = ", ".join(suffixes[:-1]) + " or " * (len(suffixes) > 1) + suffixes[-1]
+        raise ValueError(f"{path}: the {what} must end in {names}, "
                          f"not {path.suffix or '(no suffix)'!r}")
     if overwrite is False and path.exists():
         raise FileExistsError(errno.EEXIST, f"the {what} exists; pass --overwrite "
