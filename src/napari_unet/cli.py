@@ -219,7 +219,7 @@ def _training_pairs(args: argparse.Namespace) -> list:
                   f"{info.path.name}")
         pairs += pairs_from_arrays(image, labels, channel_axis=channel_axis, complete=complete,
                                    name=Path(img_path).name, rgb=args.rgb,
-                                   rgb_option="--rgb {}")
+                                   rgb_option="--rgb {}", photometric_rgb=file_is_rgb(img_path))
     return pairs
 
 
@@ -412,13 +412,14 @@ _USER_ERRORS = (ConfigError, ModelFileError, ValueError, FileNotFoundError, File
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
-def _user_message(exc: BaseException) -> str | None:
+def _user_message(exc: BaseException, command: str) -> str | None:
     """The one-line message for a user error, or None for a bug."""
     if isinstance(exc, OSError) and (isinstance(exc, _USER_ERRORS) or exc.errno in _USER_ERRNOS):
         what = exc.strerror or str(exc)
         text = f"{exc.filename}: {what}" if exc.filename else what
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            text += "; free some space and run the same command again (finished work is kept)"
+            text += "; free some space and run the same command again" + (
+                " (finished planes are kept)" if command == "segment" else "")
     elif isinstance(exc, _USER_ERRORS):
         text = str(exc)
     else:
@@ -436,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"napari-unet {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        message = _user_message(exc)
+        message = _user_message(exc, args.command)
         if message is None:
             raise
         print(f"napari-unet {args.command}: error: {message}", file=sys.stderr)

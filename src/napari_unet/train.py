@@ -185,18 +185,20 @@ def pairs_from_arrays(
     name: str = "image",
     rgb: str | None = None,
     rgb_option: str = "rgb={!r}",
+    photometric_rgb: bool = False,
 ) -> list[TrainingPair]:
     """Split an N-D image + annotation into the 2D planes that carry any annotation.
 
     ``complete`` (same shape as the annotation, bool) marks fully annotated pixels. ``rgb``:
     how a colour image is read (see :func:`napari_unet.normalize.resolve_rgb`; None refuses
-    one with a message naming the choices, spelled as ``rgb_option``).
+    one with a message naming the choices, spelled as ``rgb_option``; ``photometric_rgb``:
+    the file says it is a colour image).
     """
     from .segment import check_image, label_key, output_shape, plane_indices, read_plane
 
     check_image_dtype(image.dtype, f"image {name}")
     image = resolve_rgb(image, channel_axis=channel_axis, rgb=rgb, name=name,
-                        option=rgb_option)
+                        option=rgb_option, photometric_rgb=photometric_rgb)
     shape = tuple(image.shape)
     check_image(shape, channel_axis, name)
     if channel_axis is not None:
