@@ -65,8 +65,8 @@ def check_image_dtype(dtype: np.dtype, what: str = "image") -> None:
     dtype = np.dtype(dtype)
     if dtype.kind == "b":
         raise ValueError(
-            f"the {what} is boolean (dtype bool), a mask rather than an intensity image; "
-            "segment the image the mask was made from, or convert it with .astype(numpy.uint8)"
+            f"the {what} is boolean (dtype bool), a mask rather than an intensity image; use "
+            "the image the mask was made from, or convert it with .astype(numpy.uint8)"
         )
     if dtype.kind == "c":
         raise ValueError(
