@@ -430,7 +430,10 @@ def _user_message(exc: BaseException, command: str) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-unet`` command."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (already printed, exit code 2) or --help
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except KeyboardInterrupt:
