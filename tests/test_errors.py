@@ -158,7 +158,7 @@ def test_segment_output_missing_folder_bad_suffix_read_only(files, tmp_path, cap
 
     monkeypatch.setattr(outputs.tempfile, "NamedTemporaryFile", read_only)
     rc, err = run_cli(capsys, "segment", src, "-o", tmp_path / "o.tif")
-    assert_user_error(rc, err, "cannot write", "read-only", str(tmp_path))
+    assert_user_error(rc, err, "cannot write", "Read-only file system", str(tmp_path))
 
 
 def test_disk_full_while_segmenting_is_a_message(files, tmp_path, capsys, monkeypatch):
