@@ -6,21 +6,34 @@ Every command calls the same engine functions as the napari widgets.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from . import io
+from . import io, params
+from .annotation_file import complete_mask, read_sidecar
 from .augment import AugmentConfig
 from .device import select_device
 from .distributed import BatchError, Job, StitchSettings, local_client, segment_batch
-from .model import UNet, load_model, save_model
+from .model import (
+    ModelFileError,
+    UNet,
+    check_model_output,
+    inspect_model_file,
+    load_model,
+    save_model,
+)
+from .normalize import check_image_dtype, file_is_rgb, resolve_rgb
+from .outputs import check_output, check_writable_folder
+from .params import ConfigError, Spec
 from .postprocess import PostprocessConfig
 from .segment import InferenceConfig
 from .stitch import METRICS
@@ -28,29 +41,48 @@ from .tiling import drive
 from .train import TrainConfig, Trainer, pairs_from_arrays, train_config
 
 
+def _ranged(kind: type, what: str, **spec: Any) -> Callable[[str], Any]:
+    """argparse type for an option without a config dataclass, checked like a param()."""
+    rule = Spec(help=what, **spec)
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        try:
+            params.check_value("option", what, value, rule)
+        except ConfigError:
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not allowed: it must be {rule.describe()}") from None
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+_RGB_HELP = ("how an image whose last axis holds 3 or 4 colour samples (RGB/RGBA) is read: "
+             "gray = the mean of R, G and B (alpha dropped), none = the last axis is X "
+             "(default: refuse such an image with a message)")
+
+
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
-    d = InferenceConfig()
     p.add_argument("--model", type=Path, default=None,
                    help="model file (.safetensors) or bioimage.io package (.zip or folder); "
                    "default: the bundled model")
-    p.add_argument("--tile", type=int, default=d.tile, help="tile size in pixels")
-    p.add_argument("--overlap", type=int, default=d.overlap, help="tile overlap in pixels")
-    p.add_argument("--batch", type=int, default=d.batch_size, help="tiles per forward pass")
-    p.add_argument("--device", default=d.device, help="auto, cuda, cuda:N, mps or cpu")
-    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
+    params.add_arguments(p, InferenceConfig, aliases={"batch_size": ["--batch"]})
     p.add_argument("--channel-axis", type=int, default=None,
                    help="axis of the input holding channels (default: the 'c' axis recorded "
                    "in OME-Zarr / OME-TIFF / ImageJ files, else none)")
 
 
 def _inference_config(args: argparse.Namespace) -> InferenceConfig:
-    return InferenceConfig(tile=args.tile, overlap=args.overlap, batch_size=args.batch,
-                           device=args.device, precision=args.precision)
+    return params.from_args(InferenceConfig, args)
 
 
 def _postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
-    return PostprocessConfig(mode="semantic" if args.semantic else "instances",
-                             min_size=args.min_size)
+    return params.from_args(PostprocessConfig, args,
+                            mode="semantic" if args.semantic else "instances")
 
 
 def _run_with_bar(gen, total: float, desc: str, unit: str = "plane"):
@@ -68,16 +100,40 @@ def _run_with_bar(gen, total: float, desc: str, unit: str = "plane"):
 
 def _segment_jobs(args: argparse.Namespace) -> list[Job]:
     """Pair each input with its output: the -o path, a file in the -o folder, or the input's
-    own OME-Zarr labels when -o is left out."""
+    own OME-Zarr labels when -o is left out. Checks where they go before any work."""
+    suffixes = (".zarr", *io.TIFF_SUFFIXES)
     if args.output is None:
+        for src in args.inputs:
+            if src.is_dir():
+                check_writable_folder(src, f"labels of {src}")
         return [Job(src, None, args.label_name) for src in args.inputs]
-    if len(args.inputs) == 1:
+    if len(args.inputs) == 1 and not (args.output.is_dir()
+                                      and args.output.suffix.lower() not in suffixes):
+        # Existing outputs are resumed, skipped or replaced by the batch runner.
+        check_output(args.output, suffixes=suffixes, what="label output")
         return [Job(args.inputs[0], args.output, args.label_name)]
-    if args.output.suffix.lower() in (".zarr", *io.TIFF_SUFFIXES):
-        raise SystemExit(f"several inputs need a folder as -o, not {args.output}")
-    args.output.mkdir(parents=True, exist_ok=True)
+    if args.output.suffix.lower() in suffixes:
+        raise ValueError(f"several inputs need a folder as -o, not {args.output}")
+    if not args.output.is_dir():
+        check_writable_folder(args.output.parent if str(args.output.parent) else Path("."),
+                              "output folder")
+        args.output.mkdir()
+    check_writable_folder(args.output, "label outputs")
     return [Job(src, args.output / f"{src.name.split('.')[0]}_labels.{args.format}",
                 args.label_name) for src in args.inputs]
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Open each input lazily and refuse the ones that cannot be segmented, before any work:
+    pixel types that are not intensities, and colour images (unless --rgb says how)."""
+    for src in args.inputs:
+        image = io.read_image(src)
+        check_image_dtype(image.dtype, f"image {src}")
+        # The batch runner reads planes itself, so it can only take colour images as they
+        # are (--rgb none); converting them is for train and the Python API.
+        resolve_rgb(image, channel_axis=args.channel_axis, rgb=args.rgb,
+                    photometric_rgb=file_is_rgb(src), name=str(src), option="--rgb {}",
+                    modes=("none",))
 
 
 def _stitch_settings(args: argparse.Namespace) -> StitchSettings | None:
@@ -102,16 +158,27 @@ def _segment_client(args: argparse.Namespace):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    # Settings, outputs and inputs are checked before a cluster starts or a plane is read.
+    inference, postprocess = _inference_config(args), _postprocess_config(args)
+    package = args.model is not None and _is_package(args.model)
+    if args.model is not None and not package:
+        inspect_model_file(args.model)
+    _check_inputs(args)
     jobs = _segment_jobs(args)
     if args.measure is not None and args.measure.exists() and not args.overwrite:
         raise FileExistsError(f"{args.measure} exists; pass --overwrite or pick another name")
-    if args.model is not None and _is_foreign_package(args.model):
+    if package and _is_foreign_package(args.model):
         code = _segment_foreign(args, jobs)
     else:
-        code = _segment_napari_unet(args, jobs)
+        code = _segment_napari_unet(args, jobs, inference, postprocess)
     if code == 0 and args.measure is not None:
         _measure_outputs(args, jobs)
     return code
+
+
+def _is_package(path: Path) -> bool:
+    """A bioimage.io package (zip, rdf.yaml or folder) rather than a .safetensors file."""
+    return path.suffix.lower() in (".zip", ".yaml") or path.is_dir()
 
 
 def _is_foreign_package(path: Path) -> bool:
@@ -168,11 +235,11 @@ def _measure_outputs(args: argparse.Namespace, jobs: list[Job]) -> None:
     print(f"{n} object(s) measured into {args.measure}")
 
 
-def _segment_napari_unet(args: argparse.Namespace, jobs: list[Job]) -> int:
+def _segment_napari_unet(args: argparse.Namespace, jobs: list[Job], inference: InferenceConfig,
+                         postprocess: PostprocessConfig) -> int:
     client = _segment_client(args)
     gen = segment_batch(
-        jobs, model_path=args.model, inference=_inference_config(args),
-        postprocess=_postprocess_config(args),
+        jobs, model_path=args.model, inference=inference, postprocess=postprocess,
         channel_axis="auto" if args.channel_axis is None else args.channel_axis,
         stitch=_stitch_settings(args), client=client, retries=args.retries,
         overwrite=args.overwrite,
@@ -210,38 +277,62 @@ def _segment_napari_unet(args: argparse.Namespace, jobs: list[Job]) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    if len(args.images) != len(args.labels):
-        raise SystemExit(f"give one label file per image: {len(args.images)} image(s), "
-                         f"{len(args.labels)} label file(s)")
+def _training_pairs(args: argparse.Namespace) -> list:
+    """Read every image with its annotation, the sidecar's channel axis and fully annotated
+    planes and rectangles (saved by the Annotate widget) included."""
     pairs = []
     for img_path, lab_path in zip(args.images, args.labels, strict=True):
         image, labels = io.read_image(img_path), io.read_image(lab_path)
-        pairs += pairs_from_arrays(image, labels, channel_axis=args.channel_axis,
-                                   name=Path(img_path).name)
+        info = read_sidecar(lab_path)
+        channel_axis = args.channel_axis
+        if channel_axis is None and info is not None:
+            channel_axis = info.channel_axis
+        complete = complete_mask(tuple(labels.shape), info)
+        if complete is not None:
+            print(f"{lab_path}: {int(complete.sum())} pixel(s) declared fully annotated in "
+                  f"{info.path.name}")
+        pairs += pairs_from_arrays(image, labels, channel_axis=channel_axis, complete=complete,
+                                   name=Path(img_path).name, rgb=args.rgb,
+                                   rgb_option="--rgb {}", photometric_rgb=file_is_rgb(img_path))
+    return pairs
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if len(args.images) != len(args.labels):
+        raise ValueError(f"give one label file per image: {len(args.images)} image(s), "
+                         f"{len(args.labels)} label file(s)")
+    # Everything that can be checked is checked before the first step: a typo in -o must
+    # not cost the training.
+    check_model_output(args.output, overwrite=args.overwrite)
+    values = {k: getattr(args, k) for k in params.specs(TrainConfig) if hasattr(args, k)}
+    augment = params.from_args(AugmentConfig, args)
+    if args.no_elastic:
+        augment.elastic_alpha = 0.0
+    # The checkpoint is the output itself: a stopped, crashed or diverged run leaves the
+    # last good model there.
+    config = train_config(args.from_scratch, augment=augment,
+                          checkpoint_path=str(args.output), **values)
     base = UNet() if args.from_scratch else load_model(args.base_model)
-    if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists; pass --overwrite or pick another name")
-    prior = {} if args.keep_prior is None else {"keep_prior": args.keep_prior}
-    config = train_config(
-        args.from_scratch, steps=args.steps, lr=args.lr, batch_size=args.batch, tile=args.tile,
-        augment=AugmentConfig(elastic_alpha=0 if args.no_elastic else args.elastic),
-        device=args.device, seed=args.seed, **prior,
-    )
+    pairs = _training_pairs(args)
     trainer = Trainer(base, pairs, config)
-    print(f"training on {len(pairs)} annotated plane(s), device {trainer.device}")
-    try:
-        model = _run_with_bar(trainer.run(), config.steps, "train", unit="step")
-    except KeyboardInterrupt:
-        print("interrupted: saving the last good model")
-        model = trainer.model
-    model.config.provenance = {
+    trainer.model.config.provenance = provenance = {
         "base_model": "scratch" if args.from_scratch else str(args.base_model or "bundled"),
         "images": [str(p) for p in args.images], "labels": [str(p) for p in args.labels],
-        "steps": trainer.step, "final_loss": trainer.losses[-1] if trainer.losses else None,
         "date": time.strftime("%Y-%m-%d"),
     }
-    save_model(model, args.output, overwrite=args.overwrite)
+    print(f"training on {len(pairs)} annotated plane(s), device {trainer.device}")
+    try:
+        _run_with_bar(trainer.run(), config.steps, "train", unit="step")
+    except KeyboardInterrupt:
+        print(f"interrupted at step {trainer.step}: {_where(trainer, args.output)}",
+              file=sys.stderr)
+        return 130
+    except FloatingPointError as exc:  # diverged; the message says where the model is
+        print(f"napari-unet train: error: {exc}", file=sys.stderr)
+        return 2
+    provenance |= {"steps": trainer.step,
+                   "final_loss": trainer.losses[-1] if trainer.losses else None}
+    save_model(trainer.model, args.output, overwrite=True)
     print(f"saved {args.output} after {trainer.step} steps")
     return 0
 
@@ -264,13 +355,17 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(summary.format(), file=sys.stderr)
             return 1
     return 0
+def _where(trainer: Trainer, output: Path) -> str:
+    if output.is_file():
+        return f"the last good model (step {trainer.good_step}) is saved in {output}"
+    return "no model was saved"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_many, format_table
 
     if len(args.pred) != len(args.gt):
-        raise SystemExit(f"{len(args.pred)} prediction(s) but {len(args.gt)} ground truth(s)")
+        raise ValueError(f"{len(args.pred)} prediction(s) but {len(args.gt)} ground truth(s)")
     pairs = [(Path(p).name, np.asarray(io.read_image(p)), np.asarray(io.read_image(g)))
              for p, g in zip(args.pred, args.gt, strict=True)]
     rows, mean = evaluate_many(pairs, iou_threshold=args.iou)
@@ -320,7 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-name", default="segmentation",
                    help="name of the labels written into an OME-Zarr input")
     _add_inference_args(p)
-    p.add_argument("--min-size", type=int, default=PostprocessConfig().min_size)
+    p.add_argument("--rgb", choices=["none"], default=None,
+                   help="none: read the last axis of an image with 3 or 4 samples there as X "
+                   "(default: refuse such a colour image with a message)")
+    params.add_arguments(p, PostprocessConfig, exclude=["mode"])
     p.add_argument("--semantic", action="store_true",
                    help="write classes (0 bg, 1 interior, 2 boundary) instead of instances")
     p.add_argument("--measure", type=Path, default=None, metavar="OUT.csv",
@@ -331,14 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "resume interrupted ones)")
     g = p.add_argument_group("parallel / distributed (needs the 'distributed' package)")
     where = g.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, default=0,
+    where.add_argument("--workers", type=_ranged(int, "--workers", min=0), default=0,
                        help="segment on a new local dask cluster of N worker processes, one "
                        "plane at a time each (default 0: in this process)")
     where.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
                        help="segment on a running dask.distributed cluster (e.g. "
                        "tcp://host:8786); workers need the inputs, outputs and model at the "
                        "same paths")
-    g.add_argument("--retries", type=int, default=2, help="extra attempts for a failed plane")
+    g.add_argument("--retries", type=_ranged(int, "--retries", min=0), default=2,
+                   help="extra attempts for a failed plane")
     st = StitchSettings()
     g = p.add_argument_group("3D stitching")
     g.add_argument("--stitch-3d", action="store_true",
@@ -346,39 +445,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stack-axis", type=int, default=None,
                    help="input axis to stitch along (default: the 'z' axis recorded in the "
                    "file, else axis 0)")
-    g.add_argument("--stitch-threshold", type=float, default=st.threshold,
+    g.add_argument("--stitch-threshold", default=st.threshold,
+                   type=_ranged(float, "--stitch-threshold", min=0, max=1, min_exclusive=True),
                    help="minimum overlap of objects in neighbouring planes to link them")
     g.add_argument("--stitch-metric", choices=list(METRICS), default=st.metric,
                    help="overlap: intersection / smaller object; iou: intersection / union")
-    g.add_argument("--stitch-split", type=float, default=st.split_ratio,
+    g.add_argument("--stitch-split", default=st.split_ratio,
+                   type=_ranged(float, "--stitch-split", min=0, max=1),
                    help="cut an object where its area dips below this fraction of its "
                    "largest area on both sides (0: never)")
-    g.add_argument("--anisotropy", type=float, default=st.anisotropy,
+    g.add_argument("--anisotropy", default=st.anisotropy,
+                   type=_ranged(float, "--anisotropy", min=0, max=1000, min_exclusive=True),
                    help="voxel depth / pixel size, recorded with zarr output")
     p.set_defaults(func=cmd_segment)
 
-    d = TrainConfig()
     p = sub.add_parser("train", help="fine-tune on sparse annotations")
     p.add_argument("--images", nargs="+", type=Path, required=True)
     p.add_argument("--labels", nargs="+", type=Path, required=True,
-                   help="annotation files: 0 = not annotated, 1 = background, >= 2 = cells")
+                   help="annotation files: 0 = not annotated, 1 = background, >= 2 = cells; "
+                   "fully annotated planes and rectangles saved next to them by the Annotate "
+                   "widget (<stem>_annotation.json) are used")
     p.add_argument("-o", "--output", type=Path, required=True, help="model file .safetensors")
     p.add_argument("--base-model", type=Path, default=None, help="default: the bundled model")
-    p.add_argument("--from-scratch", action="store_true")
-    p.add_argument("--keep-prior", type=float, default=None,
-                   help="pull towards the starting model's predictions on unannotated pixels "
-                   f"(default {d.keep_prior} when fine-tuning, 0 from scratch)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch", type=int, default=d.batch_size)
-    p.add_argument("--tile", type=int, default=d.tile)
-    p.add_argument("--elastic", type=float, default=d.augment.elastic_alpha,
-                   help="elastic displacement strength in pixels")
-    p.add_argument("--no-elastic", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--channel-axis", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train a new model (then --keep-prior defaults to 0 and "
+                   "--no-freeze-norm)")
+    # Defaults stay with TrainConfig / train_config: some differ when training from scratch.
+    params.add_arguments(p, TrainConfig, aliases={"batch_size": ["--batch"]},
+                         exclude=["checkpoint_path"], unset_default=True)
+    params.add_arguments(p, AugmentConfig, aliases={"elastic_alpha": ["--elastic"]})
+    p.add_argument("--no-elastic", action="store_true", help="same as --elastic-alpha 0")
+    p.add_argument("--channel-axis", type=int, default=None,
+                   help="axis of the images holding channels (default: the one saved with the "
+                   "annotation, else none)")
+    p.add_argument("--rgb", choices=["gray", "none"], default=None, help=_RGB_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -405,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="pixel IoU, instance AP@IoU and F1 against ground truth")
     p.add_argument("--pred", nargs="+", type=Path, required=True)
     p.add_argument("--gt", nargs="+", type=Path, required=True)
-    p.add_argument("--iou", type=float, default=0.5)
+    p.add_argument("--iou", default=0.5,
+                   type=_ranged(float, "--iou", min=0, max=1, min_exclusive=True),
+                   help="IoU at which a predicted object matches a true one")
     p.add_argument("--json", type=Path, default=None)
     p.set_defaults(func=cmd_evaluate)
 
@@ -418,13 +521,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors caused by the input, the settings or the machine's state: shown as one line and
+# exit code 2. Anything else is a bug and keeps its traceback.
+_USER_ERRORS = (ConfigError, ModelFileError, ValueError, FileNotFoundError, FileExistsError,
+                PermissionError, NotADirectoryError, IsADirectoryError)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
+def _user_message(exc: BaseException, command: str) -> str | None:
+    """The one-line message for a user error, or None for a bug."""
+    if isinstance(exc, OSError) and (isinstance(exc, _USER_ERRORS) or exc.errno in _USER_ERRNOS):
+        what = exc.strerror or str(exc)
+        text = f"{exc.filename}: {what}" if exc.filename else what
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            text += "; free some space and run the same command again" + (
+                " (finished planes are kept)" if command == "segment" else "")
+    elif isinstance(exc, _USER_ERRORS):
+        text = str(exc)
+    else:
+        return None
+    notes = getattr(exc, "__notes__", [])
+    return " ".join(" ".join([text, *notes]).split())  # one line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-unet`` command."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (already printed, exit code 2) or --help
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"napari-unet {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"napari-unet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = _user_message(exc, args.command)
+        if message is None:
+            raise
+        print(f"napari-unet {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

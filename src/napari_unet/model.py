@@ -8,8 +8,11 @@ metadata. ``safetensors`` never unpickles, so loading cannot run code from the f
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -148,41 +151,174 @@ def bundled_model_path() -> Path:
     return Path(str(resources.files("napari_unet") / "models" / BUNDLED_MODEL))
 
 
-def save_model(model: UNet, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write weights + JSON config atomically; refuses to replace a file unless asked."""
+def check_model_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Check where a model file will go (suffix, folder, existing file) before training."""
+    from .outputs import check_output
+
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ModelFileError(f"model files end in .safetensors, got {path.name!r}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True")
+        raise ModelFileError(f"{path}: model files end in .safetensors, not "
+                             f"{path.suffix or '(no suffix)'!r}; e.g. -o {path.stem}.safetensors")
+    return check_output(path, suffixes=(".safetensors",), what="model file",
+                        overwrite=overwrite)
+
+
+def save_model(model: UNet, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write weights + JSON config atomically; refuses to replace a file unless asked."""
+    path = check_model_output(path, overwrite=overwrite)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT, "config": model.config.to_json()})
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "config": model.config.to_json()})
+        os.replace(tmp, path)
+    except SafetensorError as exc:
+        # safetensors reports I/O failures (disk full, read-only) as its own error type;
+        # as an OSError they get the same handling as any other failed write.
+        code = re.search(r"os error (\d+)", str(exc))
+        err = int(code.group(1)) if code else errno.EIO
+        raise OSError(err, os.strerror(err), str(path)) from exc
+    finally:
+        tmp.unlink(missing_ok=True)  # a half-written file must not fill the disk
     return path
 
 
-def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> UNet:
-    """Load a model file (the bundled model when ``path`` is None) in eval mode."""
-    path = bundled_model_path() if path is None else Path(path)
-    if path.suffix.lower() in (".zip", ".yaml") or path.is_dir():
-        # A bioimage.io package (napari-unet exported it): same model, other container.
-        from .bioimageio import load_package_model
+# Limits of the model-file schema. Generous for a 2D U-Net (the bundled model: depth 4, base
+# width 16, 0.48 M parameters), but small enough that a hostile or corrupt file cannot make
+# the loader allocate gigabytes.
+MAX_PARAMETERS = 50_000_000
+_INT_FIELDS = {"in_channels": (1, 16), "n_classes": (1, 16), "depth": (1, 8),
+               "base_channels": (1, 512)}
 
-        return load_package_model(path, device)
+
+def _schema_error(path: Path, what: str) -> ModelFileError:
+    return ModelFileError(f"{path}: invalid model metadata: {what}; the file is damaged or "
+                          "was not written by napari-unet")
+
+
+def config_from_metadata(text: str, path: Path) -> ModelConfig:
+    """Parse and validate a model file's JSON config (types and ranges) without building it."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise _schema_error(path, f"config is not JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise _schema_error(path, f"config must be a JSON object, got {type(raw).__name__}")
+    for key, (lo, hi) in _INT_FIELDS.items():
+        if key in raw:
+            v = raw[key]
+            # bool is an int to Python, but "depth": true is not a depth.
+            if type(v) is not int or not lo <= v <= hi:
+                raise _schema_error(path, f"{key} = {v!r} must be an integer in [{lo}, {hi}]")
+    n_classes = raw.get("n_classes", ModelConfig.n_classes)
+    if "classes" in raw:
+        cls = raw["classes"]
+        if not (isinstance(cls, list) and all(isinstance(c, str) for c in cls)):
+            raise _schema_error(path, f"classes = {cls!r} must be a list of names")
+    if "norm_percentiles" in raw:
+        pr = raw["norm_percentiles"]
+        if not (isinstance(pr, list) and len(pr) == 2
+                and all(type(x) in (int, float) and math.isfinite(x) for x in pr)
+                and 0 <= pr[0] < pr[1] <= 100):
+            raise _schema_error(path, f"norm_percentiles = {pr!r} must be two numbers "
+                                "0 <= low < high <= 100")
+    if "provenance" in raw and not isinstance(raw["provenance"], dict):
+        raise _schema_error(path, "provenance must be a JSON object")
+    # Optional output of newer models (an extra distance channel); old files lack it.
+    if "distance" in raw and type(raw["distance"]) is not bool:
+        raise _schema_error(path, f"distance = {raw['distance']!r} must be true or false")
+    known = {k: raw[k] for k in ModelConfig.__dataclass_fields__ if k in raw}
+    for key in ("classes", "norm_percentiles"):
+        if key in known:
+            known[key] = tuple(known[key])
+    config = ModelConfig(**known)
+    if "classes" in raw and len(config.classes) != n_classes:
+        raise _schema_error(path, f"{len(config.classes)} class name(s) for n_classes = "
+                            f"{n_classes}")
+    return config
+
+
+def _expected_state(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the weights of ``UNet(config)``, built on the meta device.
+
+    Meta tensors have shapes but no storage, so this costs nothing whatever the config says.
+    """
+    with torch.device("meta"):
+        net = UNet(config)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def inspect_model_file(path: str | os.PathLike) -> ModelConfig:
+    """Validate a model file from its header alone: format, config schema, parameter budget
+    and stored tensor shapes. Reads no weights and builds no network.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ModelFileError: anything else wrong with the file (the message says what).
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        state = load_file(str(path))
+            stored = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                      for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(
             f"{path} is not a napari-unet model file (safetensors expected): {exc}"
         ) from exc
     if meta.get("format") != FORMAT or "config" not in meta:
         raise ModelFileError(f"{path} is a safetensors file but not a napari-unet model")
-    model = UNet(ModelConfig.from_json(meta["config"]))
+    config = config_from_metadata(meta["config"], path)
+    expected = _expected_state(config)
+    n_params = sum(math.prod(s) for k, s in expected.items() if "running_" not in k
+                   and not k.endswith("num_batches_tracked"))
+    if n_params > MAX_PARAMETERS:
+        raise _schema_error(path, f"its architecture has {n_params / 1e6:.0f} M parameters, "
+                            f"more than the {MAX_PARAMETERS // 1_000_000} M a model may have")
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    wrong = [f"{k} {stored[k][0]} (expected {expected[k]})" for k in expected
+             if k in stored and stored[k][0] != expected[k]]
+    if missing or extra or wrong:
+        detail = "; ".join(filter(None, [
+            missing and f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""),
+            extra and f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""),
+            wrong and "wrong shape " + ", ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else ""),
+        ]))
+        raise ModelFileError(f"{path}: the stored weights do not match the architecture in "
+                             f"its metadata: {detail}")
+    not_float = [k for k, (_, dt) in stored.items()
+                 if not k.endswith("num_batches_tracked") and dt not in ("F16", "BF16", "F32",
+                                                                         "F64")]
+    if not_float:
+        raise ModelFileError(f"{path}: weight {not_float[0]} is stored as "
+                             f"{stored[not_float[0]][1]}, not floating point")
+    return config
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> UNet:
+    """Load a model file (the bundled model when ``path`` is None) in eval mode.
+
+    The file is checked (:func:`inspect_model_file`) before any weight is read or any network
+    is built, and weights holding NaN or infinity are refused.
+    """
+    path = bundled_model_path() if path is None else Path(path)
+    if path.suffix.lower() in (".zip", ".yaml") or path.is_dir():
+        # A bioimage.io package (napari-unet exported it): same model, other container.
+        from .bioimageio import load_package_model
+
+        return load_package_model(path, device)
+    config = inspect_model_file(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path}: cannot read the weights: {exc}") from exc
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelFileError(f"{path}: weight {name} holds NaN or infinite values; the "
+                                 "model is broken (e.g. saved after training diverged)")
+    model = UNet(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -102,26 +102,61 @@ def _flag(name: str, prefix: str) -> str:
     return "--" + (prefix + name).replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "",
-                  only: Iterable[str] | None = None, exclude: Sequence[str] = ()) -> None:
-    """Add one ``--option`` per :func:`param` field of ``cls`` (defaults from the class)."""
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
+                  prefix: str = "", only: Iterable[str] | None = None,
+                  exclude: Sequence[str] = (), aliases: dict[str, Sequence[str]] | None = None,
+                  unset_default: bool = False) -> None:
+    """Add one ``--option`` per :func:`param` field of ``cls`` (defaults from the class).
+
+    ``aliases`` adds other spellings of a field's option (e.g. ``{"batch_size": ["--batch"]}``
+    keeps a short historical name). ``unset_default`` leaves options the user did not give out
+    of the namespace, so :func:`from_args` lets the class (or a factory such as
+    ``train.train_config``) pick the default.
+    """
     defaults = cls()
     wanted = set(only) if only is not None else None
+    aliases = aliases or {}
     for name, spec in specs(cls).items():
         if name in exclude or (wanted is not None and name not in wanted):
             continue
         default = getattr(defaults, name)
-        kwargs: dict[str, Any] = {"default": default, "dest": prefix + name,
-                                  "help": f"{spec.help} ({spec.describe()}; default {default})"}
+        rule = "" if spec.describe() == "any value" else f"{spec.describe()}; "
+        kwargs: dict[str, Any] = {
+            "default": argparse.SUPPRESS if unset_default else default, "dest": prefix + name,
+            "help": f"{spec.help} ({rule}default {default})".replace("%", "%%")}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             if spec.choices is not None:
                 kwargs["choices"] = list(spec.choices)
             elif isinstance(default, int | float):
-                kwargs["type"] = type(default)
+                kwargs["type"] = _number(type(default), f"{cls.__name__}.{name}")
             kwargs["metavar"] = name.upper()
-        parser.add_argument(_flag(name, prefix), **kwargs)
+        parser.add_argument(_flag(name, prefix), *aliases.get(name, ()), **kwargs)
+
+
+def _number(kind: type, what: str) -> Any:
+    """argparse type for an int/float option whose error names the setting."""
+
+    def convert(text: str) -> int | float:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'} ({what})"
+            ) from None
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def check_multiple(owner: str, name: str, value: int, divisor: int, why: str) -> None:
+    """Raise ConfigError unless ``value`` is a multiple of ``divisor`` (a model's constraint)."""
+    if value % divisor:
+        lower = max(divisor, value // divisor * divisor)
+        raise ConfigError(
+            f"{owner}.{name} = {value} is not allowed: {why} needs a multiple of {divisor} "
+            f"(e.g. {lower} or {lower + divisor})")
 
 
 def from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **overrides: Any) -> Any:

@@ -17,8 +17,8 @@ import torch
 
 from .device import autocast, resolve_precision, select_device, to_device
 from .model import UNet, activate, check_channels, fuse_batchnorm
-from .normalize import check_finite, normalize
-from .params import ConfigError, check, param
+from .normalize import check_finite, check_image_dtype, normalize, resolve_rgb
+from .params import ConfigError, check, check_multiple, param
 from .postprocess import PostprocessConfig, labels_from_probs
 from .tiling import drain, sliding_window_iter
 
@@ -51,6 +51,13 @@ class InferenceConfig:
                 f"({2 * self.margin}) and smaller than the tile ({self.tile})")
 
 
+def check_against_model(config: InferenceConfig, model_config: Any) -> None:
+    """Raise ConfigError unless tile and overlap fit the model (multiples of its divisor)."""
+    why, divisor = f"a model of depth {model_config.depth}", model_config.divisor
+    check_multiple("InferenceConfig", "tile", config.tile, divisor, why)
+    check_multiple("InferenceConfig", "overlap", config.overlap, divisor, why)
+
+
 @dataclass
 class SegmentProgress:
     """Planes done (fractional within the current plane) out of the total."""
@@ -72,6 +79,7 @@ class Predictor:
     def __init__(self, model: UNet, config: InferenceConfig | None = None) -> None:
         self.config = config or InferenceConfig()
         self.model_config = model.config
+        check_against_model(self.config, model.config)
         self.device = select_device(self.config.device)
         self.amp = resolve_precision(self.device, self.config.precision)
         # A private (fused) copy: the caller's model may keep training in another thread.
@@ -227,8 +235,12 @@ def segment(image: Any, model: UNet, **kwargs: Any) -> Any:
     """Blocking convenience: segment ``image`` with ``model`` and return the labels.
 
     Keyword arguments go to :class:`InferenceConfig` (tile, overlap, ...) or
-    :func:`segment_image` (channel_axis, postprocess, out, ...).
+    :func:`segment_image` (channel_axis, postprocess, out, ...); ``rgb`` says how a colour
+    image is read (see :func:`napari_unet.normalize.resolve_rgb`).
     """
     fields = InferenceConfig.__dataclass_fields__
     config = InferenceConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+    check_image_dtype(image.dtype)
+    # A colour image is converted (rgb="gray"), read as is (rgb="none") or refused.
+    image = resolve_rgb(image, channel_axis=kwargs.get("channel_axis"), rgb=kwargs.pop("rgb", None))
     return drain(segment_image(image, Predictor(model, config), **kwargs))

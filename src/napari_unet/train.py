@@ -29,8 +29,8 @@ from .losses import (
     weighted_cross_entropy,
 )
 from .model import UNet, check_channels, save_model
-from .normalize import normalize
-from .params import check, param
+from .normalize import check_image_dtype, normalize, resolve_rgb
+from .params import check, check_multiple, param
 from .targets import (
     FIRST_CELL,
     IGNORE_INDEX,
@@ -57,7 +57,7 @@ class TrainingPair:
 class TrainConfig:
     """Training settings; defaults suit fine-tuning the bundled model on a laptop CPU."""
 
-    steps: int = param(300, min=1, max=1_000_000, help="optimisation steps")
+    steps: int = param(300, min=1, max=10**9, help="optimisation steps")
     lr: float = param(2e-4, min=0, max=1, min_exclusive=True, label="learning rate",
                       help="learning rate (AdamW)")
     batch_size: int = param(4, min=1, max=1024, label="batch", help="patches per step")
@@ -165,6 +165,7 @@ def prepare_pairs(
     prepared, n_cells = [], 0
     for pair in pairs:
         image = _as_chw(pair.image, pair.name)
+        check_image_dtype(image.dtype, f"image {pair.name}")
         check_annotation(pair.annotation, image.shape[1:])
         if pair.complete is not None and pair.complete.shape != image.shape[1:]:
             raise ValueError(
@@ -207,13 +208,22 @@ def pairs_from_arrays(
     channel_axis: int | None = None,
     complete: np.ndarray | None = None,
     name: str = "image",
+    rgb: str | None = None,
+    rgb_option: str = "rgb={!r}",
+    photometric_rgb: bool = False,
 ) -> list[TrainingPair]:
     """Split an N-D image + annotation into the 2D planes that carry any annotation.
 
-    ``complete`` (same shape as the annotation, bool) marks fully annotated pixels.
+    ``complete`` (same shape as the annotation, bool) marks fully annotated pixels. ``rgb``:
+    how a colour image is read (see :func:`napari_unet.normalize.resolve_rgb`; None refuses
+    one with a message naming the choices, spelled as ``rgb_option``; ``photometric_rgb``:
+    the file says it is a colour image).
     """
     from .segment import check_image, label_key, output_shape, plane_indices, read_plane
 
+    check_image_dtype(image.dtype, f"image {name}")
+    image = resolve_rgb(image, channel_axis=channel_axis, rgb=rgb, name=name,
+                        option=rgb_option, photometric_rgb=photometric_rgb)
     shape = tuple(image.shape)
     check_image(shape, channel_axis, name)
     if channel_axis is not None:
@@ -282,6 +292,9 @@ class Trainer:
         if pairs:
             check_channels(model.config.in_channels,
                            _as_chw(pairs[0].image, pairs[0].name).shape[0], pairs[0].name)
+        # Checked here, not in the first step: a raw torch size mismatch says nothing useful.
+        check_multiple("TrainConfig", "tile", config.tile, model.config.divisor,
+                       f"a model of depth {model.config.depth}")
         self.config = config
         self.device = select_device(config.device)
         self.amp = resolve_precision(self.device, config.precision)
@@ -298,6 +311,7 @@ class Trainer:
             if config.keep_prior > 0 else None
         self.model: UNet = copy.deepcopy(model).cpu().eval()  # last good weights
         self.step = 0
+        self.good_step = 0  # the step self.model holds
         self.losses: list[float] = []
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr,
                                            weight_decay=1e-5)
@@ -306,6 +320,7 @@ class Trainer:
         self.model.load_state_dict({k: v.detach().cpu() for k, v in
                                     self.net.state_dict().items()})
         self.model.eval()
+        self.good_step = self.step
 
     def save_state(self, path: str | Path) -> None:
         """Everything needed to resume this run: weights, optimiser, step, loss history."""
@@ -331,6 +346,18 @@ class Trainer:
     def _checkpoint(self) -> None:
         if self.config.checkpoint_path:
             save_model(self.model, Path(self.config.checkpoint_path), overwrite=True)
+
+    def _save_after_failure(self) -> str:
+        """Write the last good model where asked after a stop or failure; says where it is."""
+        if not self.config.checkpoint_path:
+            return f"the last good model (step {self.good_step}) is in Trainer.model"
+        try:
+            self._checkpoint()
+        except OSError as exc:  # e.g. the disk is full: report both problems, keep the first
+            return (f"the last good model (step {self.good_step}) could not be written to "
+                    f"{self.config.checkpoint_path}: {exc}")
+        return f"the last good model (step {self.good_step}) was written to " \
+               f"{self.config.checkpoint_path}"
 
     def train_step(self) -> float:
         """One optimisation step on a freshly sampled, augmented batch; returns the loss."""
@@ -391,9 +418,10 @@ class Trainer:
                     break
                 loss = self.train_step()
                 if not math.isfinite(loss):
+                    where = self._save_after_failure()
                     raise FloatingPointError(
-                        f"training diverged at step {self.step + 1} (loss {loss}); the last "
-                        "good model is kept — lower the learning rate and train again"
+                        f"training diverged at step {self.step + 1} (loss {loss}); {where}; "
+                        "lower the learning rate (--lr) and train again"
                     )
                 self.step += 1
                 self.losses.append(loss)
@@ -411,11 +439,16 @@ class Trainer:
                 yield progress
             # Stopped or finished with a finite last loss: the current weights are good.
             self._snapshot()
-        finally:
-            # Also on cancel or error: keep what the last good snapshot holds on disk.
-            self._checkpoint()
+        except FloatingPointError:
+            raise  # already saved, and its message says where
+        except (Exception, KeyboardInterrupt, GeneratorExit) as exc:
+            # A crash, Ctrl-C or the consumer closing us: keep the last good model on disk.
+            where = self._save_after_failure()
+            if not isinstance(exc, GeneratorExit):
+                exc.add_note(where)
+            raise
+        self._checkpoint()
         return self.model
-
 
 def train(
     model: UNet,
