@@ -1,7 +1,9 @@
 """The distance output: targets, training, resumable state, seeding, error classes."""
 
 import numpy as np
+import pytest
 import torch
+from skimage.segmentation import find_boundaries
 
 from _synthetic import sparse_annotation, touching_disks
 from napari_unet.augment import AugmentConfig
@@ -35,13 +37,22 @@ def test_distance_seeds_separate_cells_the_interior_class_merges():
     fg = labels > 0
     probs = np.stack([~fg, fg, np.zeros_like(fg)]).astype(np.float32)
     dist = distance_target(labels)[None]
-    with_dist = instances_from_probs(np.concatenate([probs, dist]))
+    with_dist = instances_from_probs(np.concatenate([probs, dist]),
+                                     PostprocessConfig(seeds="distance"))
     assert with_dist.max() == 2
     assert evaluate_pair(with_dist, labels)["ap"] == 1.0
     assert instances_from_probs(np.concatenate([probs, dist]),
                                 PostprocessConfig(seeds="interior")).max() == 1
-    assert labels_from_probs(np.concatenate([probs, dist]),
-                             PostprocessConfig(mode="semantic")).max() == 1
+    # A model that also puts its boundary class where the cells meet: the mean of both
+    # surfaces (the default for distance models) separates them too.
+    rim = find_boundaries(labels, mode="inner") & fg
+    probs = np.stack([~fg, fg & ~rim, rim]).astype(np.float32)
+    mixed = instances_from_probs(np.concatenate([probs, dist]))
+    assert evaluate_pair(mixed, labels)["ap"] == 1.0
+    with pytest.raises(ValueError, match="distance output"):
+        instances_from_probs(probs, PostprocessConfig(seeds="mix"))
+    semantic = labels_from_probs(np.concatenate([probs, dist]), PostprocessConfig(mode="semantic"))
+    assert set(np.unique(semantic)) == {0, 1, 2}  # the distance channel is no class
 
 
 def test_model_with_distance_trains_saves_loads_and_segments(tmp_path):
