@@ -23,7 +23,7 @@ from .model import ModelConfig, UNet, check_channels, fuse_batchnorm
 from .normalize import _MAX_SAMPLES, check_finite, normalize
 from .postprocess import PostprocessConfig, labels_from_probs
 from .targets import BG, INTERIOR
-from .tiling import drain, sliding_window_iter
+from .tiling import check_tiling, drain, sliding_window_iter
 
 
 @dataclass
@@ -148,6 +148,8 @@ class Predictor:
         self.tile, self.batch_size = auto_tiling(
             self.device, model.config.base_channels, self.config.tile, self.config.batch_size,
             self.amp)
+        # An auto tile is only known here: check it now rather than at the first plane.
+        check_tiling(self.tile, self.config.overlap, self.config.margin, model.config.divisor)
         # Class probabilities plus any extra maps (e.g. distance): not always 3.
         self.n_outputs = int(model.head.out_channels)
         # A private (fused) copy: the caller's model may keep training in another thread.
