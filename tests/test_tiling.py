@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_unet import tiling
 from napari_unet.model import ModelConfig, UNet
 from napari_unet.tiling import blend_window, drain, sliding_window_iter, sliding_window_predict
 
@@ -120,8 +121,11 @@ def _reference(image, predictor, *, tile, overlap, margin, batch_size, blend, di
      ((1, 50), 1, 128, 32, 2, "constant"), ((300, 64), 1, 96, 32, 5, "cosine"),
      ((5, 5), 3, 64, 32, 1, "cosine")],
 )
+@pytest.mark.parametrize("index_add", [False, True])
 def test_device_resident_tiling_equals_host_reference(shape, channels, tile, overlap, batch,
-                                                       blend):
+                                                       blend, index_add, monkeypatch):
+    # index_add: the accelerators' accumulate (one index_add_ per batch), run on the CPU.
+    monkeypatch.setattr(tiling, "_INDEX_ADD_ON_CPU", index_add)
     torch.manual_seed(0)
     net = UNet(ModelConfig(depth=3, base_channels=4, in_channels=channels)).eval()
 

@@ -104,9 +104,8 @@ def tile_geometry(h: int, w: int, tile: int, overlap: int, margin: int, blend: s
         wsum[y : y + th, x : x + tw] += window
     # Tiles at the padded edge keep weight 0 only outside the image, so wsum > 0 inside.
     wsum = np.maximum(wsum[margin : margin + h, margin : margin + w], 1e-12)
-    # int32 flat indices halve the index traffic of the accumulate; planes beyond 2**31
-    # padded pixels (46k x 46k) fall back to int64.
-    itype = torch.int32 if ph * pw < 2**31 else torch.int64
+    # int64 flat indices: index_add_ with int32 ones takes a slow path on CPUs (25x).
+    itype = torch.int64
     # "reflect" needs two pixels; a single row or column is mirrored with its edge.
     mode = "symmetric" if min(h, w) < 2 else "reflect"
     dy, dx = np.meshgrid(np.arange(th), np.arange(tw), indexing="ij")
@@ -123,6 +122,20 @@ def tile_geometry(h: int, w: int, tile: int, overlap: int, margin: int, blend: s
         base=dev((dy * pw + dx).ravel(), itype),
         wsum=dev(wsum, torch.float32),
     )
+
+
+# Tests set this to run the accelerators' accumulate (index_add_) on a CPU.
+_INDEX_ADD_ON_CPU = False
+
+
+def _mirror_pad(src: torch.Tensor, g: TileGeometry) -> torch.Tensor:
+    """(C, H, W) -> (C, ph, pw) mirror-padded like ``np.pad``: one reflect-pad kernel where
+    the padding is narrower than the plane, else a gather by the cached indices."""
+    _, h, w = src.shape
+    pads = (g.margin, g.pw - w - g.margin, g.margin, g.ph - h - g.margin)
+    if max(pads[:2]) < w and max(pads[2:]) < h and min(h, w) >= 2:
+        return torch.nn.functional.pad(src[None], pads, mode="reflect")[0]
+    return src.index_select(1, g.rows).index_select(2, g.cols)
 
 
 def check_tiling(tile: int, overlap: int, margin: int, divisor: int) -> None:
@@ -166,27 +179,31 @@ def sliding_window_iter(
     src = src.to(device=device, dtype=torch.float32)
     _, h, w = src.shape
     g = tile_geometry(h, w, tile, overlap, margin, blend, divisor, device)
-    # Mirror padding as one gather per axis, straight into (H, W, C) order: tiles cut from
-    # it are channels-last, the layout the network runs in.
-    padded = src.permute(1, 2, 0).index_select(0, g.rows).index_select(1, g.cols)
+    padded = _mirror_pad(src, g)
     n = len(g.corners)
+    # CPUs add tile by tile (vectorised slices, no launch cost); accelerators do one
+    # index_add_ per batch instead of two small kernels per tile.
+    flat = device.type != "cpu" or _INDEX_ADD_ON_CPU
     acc = None
     for start in range(0, n, batch_size):
         chunk = g.corners[start : start + batch_size]
         # One gather per batch: strided views of the padded plane, stacked.
-        batch = torch.stack([padded[y : y + g.th, x : x + g.tw] for y, x in chunk])
-        out = predictor(batch.permute(0, 3, 1, 2)).float()
+        batch = torch.stack([padded[:, y : y + g.th, x : x + g.tw] for y, x in chunk])
+        out = predictor(batch).float()
         k = out.shape[1]
         if acc is None:
-            acc = torch.zeros((k, g.ph * g.pw), dtype=torch.float32, device=device)
-        # One accumulate per batch: every weighted tile pixel added at its flat index.
-        idx = (g.offsets[start : start + len(chunk), None] + g.base[None]).reshape(-1)
-        vals = (out * g.window).permute(1, 0, 2, 3).reshape(k, -1)
-        acc.index_add_(1, idx, vals)
+            acc = torch.zeros((k, g.ph, g.pw), dtype=torch.float32, device=device)
+        weighted = out * g.window
+        if flat:
+            idx = (g.offsets[start : start + len(chunk), None] + g.base[None]).reshape(-1)
+            acc.view(k, -1).index_add_(1, idx, weighted.permute(1, 0, 2, 3).reshape(k, -1))
+        else:
+            for (y, x), o in zip(chunk, weighted, strict=True):
+                acc[:, y : y + g.th, x : x + g.tw] += o
         yield min(start + batch_size, n), n
     assert acc is not None
     m = g.margin
-    result = acc.view(-1, g.ph, g.pw)[:, m : m + h, m : m + w] / g.wsum
+    result = acc[:, m : m + h, m : m + w] / g.wsum
     return result.cpu().numpy() if as_numpy else result
 
 
