@@ -174,6 +174,19 @@ def test_pipelined_stack_equals_serial_path(model, mode):
     np.testing.assert_allclose(probs[:, 2], predictor.predict(stack[2]), atol=1e-6)
 
 
+def test_pipelined_stack_in_a_process_pool(model):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    stack = np.stack([touching_disks((64, 96), seed=s)[0] for s in range(3)])
+    predictor = Predictor(model, InferenceConfig(tile=64, overlap=32, device="cpu"))
+    ref = _serial_reference(stack, predictor, PostprocessConfig())
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        out = drain(segment_image(stack, predictor, executor=ex, workers=2))
+        assert ex.submit(abs, -1).result() == 1  # the caller's pool stays open
+    np.testing.assert_array_equal(out, ref)
+
+
 def test_half_precision_host_maps_keep_labels_identical():
     """Instance post-processing gets P(interior) in float16 and P(background) in float32:
     labels identical to full float32 maps on real nuclei."""

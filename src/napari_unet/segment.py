@@ -11,7 +11,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -431,6 +431,7 @@ def segment_image(
     planes: list[tuple] | None = None,
     cancel: Callable[[], bool] | None = None,
     workers: int | None = None,
+    executor: Executor | None = None,
 ) -> Generator[SegmentProgress, None, Any]:
     """Segment every plane of an N-D image; yields progress, returns the label array.
 
@@ -443,7 +444,9 @@ def segment_image(
     progress), plane i+1 is read in a thread and earlier planes are post-processed by
     ``workers`` threads (default :func:`post_workers`; 0: serially, in this thread) and
     written in order. Queues are bounded: memory stays a few planes. The labels equal the
-    serial path's.
+    serial path's. ``executor``: a pool of the caller's to post-process in instead (e.g. a
+    long-lived ``ProcessPoolExecutor`` where the GIL limits threads); it is not shut down,
+    and ``workers`` then bounds how many planes wait in it.
     """
     shape = tuple(image.shape)
     check_image(shape, channel_axis)
@@ -479,8 +482,10 @@ def segment_image(
                 probabilities_out[(slice(None),) + out_key] = maps
 
     reader = ThreadPoolExecutor(1, thread_name_prefix="napari-unet-read")
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="napari-unet-post") if workers \
-        else None
+    own = executor is None and workers > 0
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="napari-unet-post") if own \
+        else executor
+    workers = max(workers, 1) if executor is not None else workers
     try:
         ahead = reader.submit(read, 0) if keys else None
         for i, key in enumerate(keys):
@@ -518,7 +523,7 @@ def segment_image(
         write(0)  # also after a cancel: every inferred plane is kept
     finally:
         reader.shutdown(wait=False, cancel_futures=True)
-        if pool is not None:
+        if own:
             pool.shutdown(wait=False, cancel_futures=True)
     return out
 
