@@ -3,6 +3,11 @@
 Stacks (Z, T, channels, ...) are processed one 2D plane at a time, read lazily from numpy,
 dask or zarr arrays and written into ``out`` (which may be an on-disk zarr array), so memory
 stays bounded by a few planes whatever the stack size.
+
+One plane: :func:`segment_plane` = :func:`infer_plane` (on the device: upload, normalise,
+tile, predict, blend, reduce to what post-processing reads) + :func:`finish_plane` (on the
+host: watershed or argmax). :func:`segment_image` runs the two halves of successive planes
+at the same time (see there); :func:`offset_ids` keeps instance ids unique across planes.
 """
 
 from __future__ import annotations
