@@ -6,11 +6,13 @@ pixels (where the model lacks context) get weight 0, then the weight ramps up sm
 the rest of the overlap. With ``margin`` at least the receptive-field radius, the result
 equals whole-image prediction of the same mirror-padded plane up to float rounding.
 
-Everything after the plane's upload stays on the device: mirror padding is a gather with
-cached indices, each batch of tiles is cut in one stack of strided views, and blended back
-with one ``index_add_`` on a flat buffer (a handful of kernels per batch instead of several
-per tile); the window sum is computed once per geometry. On CUDA, ``index_add_`` adds in an
-unspecified order, so results may differ between runs in the last bits of a float.
+Everything after the plane's upload stays on the device: mirror padding is one reflect-pad
+kernel (a gather by cached indices for planes narrower than the margin), each batch of tiles
+is cut in one stack of strided views, and on accelerators blended back with one
+``index_add_`` on a flat buffer (a handful of kernels per batch instead of several per tile;
+CPUs, with no launch cost, add tile by tile). The window sum is computed once per geometry.
+On CUDA, ``index_add_`` adds in an unspecified order, so results may differ between runs in
+the last bits of a float.
 """
 
 from __future__ import annotations
@@ -104,8 +106,6 @@ def tile_geometry(h: int, w: int, tile: int, overlap: int, margin: int, blend: s
         wsum[y : y + th, x : x + tw] += window
     # Tiles at the padded edge keep weight 0 only outside the image, so wsum > 0 inside.
     wsum = np.maximum(wsum[margin : margin + h, margin : margin + w], 1e-12)
-    # int64 flat indices: index_add_ with int32 ones takes a slow path on CPUs (25x).
-    itype = torch.int64
     # "reflect" needs two pixels; a single row or column is mirrored with its edge.
     mode = "symmetric" if min(h, w) < 2 else "reflect"
     dy, dx = np.meshgrid(np.arange(th), np.arange(tw), indexing="ij")
@@ -118,8 +118,9 @@ def tile_geometry(h: int, w: int, tile: int, overlap: int, margin: int, blend: s
         rows=dev(_mirror_index(h, margin, ph - h - margin, mode), torch.int64),
         cols=dev(_mirror_index(w, margin, pw - w - margin, mode), torch.int64),
         window=dev(window, torch.float32),
-        offsets=dev(np.array([y * pw + x for y, x in corners]), itype),
-        base=dev((dy * pw + dx).ravel(), itype),
+        # int64 flat indices: index_add_ with int32 ones takes a slow path on CPUs (25x).
+        offsets=dev(np.array([y * pw + x for y, x in corners]), torch.int64),
+        base=dev((dy * pw + dx).ravel(), torch.int64),
         wsum=dev(wsum, torch.float32),
     )
 
