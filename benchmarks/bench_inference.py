@@ -111,8 +111,8 @@ def tiles_of(predictor: Predictor, plane: np.ndarray) -> tuple[int, int]:
     c = predictor.config
     h, w = plane.shape[-2:]
     div = predictor.model_config.divisor
-    th = min(c.tile, -(-(h + 2 * c.margin) // div) * div)
-    tw = min(c.tile, -(-(w + 2 * c.margin) // div) * div)
+    th = min(predictor.tile, -(-(h + 2 * c.margin) // div) * div)
+    tw = min(predictor.tile, -(-(w + 2 * c.margin) // div) * div)
     return total, th * tw
 
 
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     model = load_model()
     predictor = Predictor(model, cfg)
+    # The device's defaults where none were given (InferenceConfig None = auto).
+    cfg.tile, cfg.batch_size = predictor.tile, predictor.batch_size
     device, amp = predictor.device, predictor.amp
     amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
     fpp = flops_per_pixel(model, cfg.tile)

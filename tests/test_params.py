@@ -13,7 +13,7 @@ from napari_unet.train import TrainConfig
 @pytest.mark.parametrize("cls, kwargs, words", [
     (InferenceConfig, {"batch_size": 0}, "batch_size"),
     (InferenceConfig, {"tile": 100}, "multiple of 8"),
-    (InferenceConfig, {"overlap": 256}, "smaller than the tile"),
+    (InferenceConfig, {"tile": 128, "overlap": 128}, "smaller than the tile"),
     (PostprocessConfig, {"min_size": -1}, ">= 0"),
     (PostprocessConfig, {"mode": "blobs"}, "one of instances, semantic"),
     (TrainConfig, {"lr": float("nan")}, "lr"),

@@ -1,13 +1,24 @@
 import dask.array as da
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from _synthetic import touching_disks
-from napari_unet.model import ModelFileError
+from napari_unet.model import ModelFileError, activate
+from napari_unet.normalize import normalize
 from napari_unet.postprocess import PostprocessConfig, instances_from_probs, labels_from_probs
-from napari_unet.segment import InferenceConfig, Predictor, segment, segment_image
-from napari_unet.tiling import drain
+from napari_unet.segment import (
+    InferenceConfig,
+    Predictor,
+    instance_channels,
+    normalize_tensor,
+    offset_ids,
+    segment,
+    segment_image,
+    segment_plane,
+)
+from napari_unet.tiling import drain, drive
 
 
 def _probs_from_labels(labels):
@@ -128,3 +139,163 @@ def test_fast_precision_keeps_accuracy_on_real_nuclei(precision):
     assert agree["ap"] > 0.9 and agree["pixel_iou"] > 0.97, agree
     ap_ref, ap_fast = evaluate_pair(ref, truth)["ap"], evaluate_pair(fast, truth)["ap"]
     assert abs(ap_fast - ap_ref) < 0.03, (ap_ref, ap_fast)
+
+
+# ---- pipelined stack segmenter, per-plane function, host copies, device normalisation ----
+
+
+def _serial_reference(stack, predictor, post):
+    """Plane by plane with full float32 maps and post-processing in this thread (the path
+    before pipelining), ids offset in plane order."""
+    out, offset = np.zeros(stack.shape, np.int32), 0
+    for i, plane in enumerate(stack):
+        labels = labels_from_probs(predictor.predict(plane), post)
+        if post.mode == "instances":
+            labels, offset = offset_ids(labels, offset)
+        out[i] = labels
+    return out
+
+
+@pytest.mark.parametrize("mode", ["instances", "semantic"])
+def test_pipelined_stack_equals_serial_path(model, mode):
+    stack = np.stack([touching_disks((96, 128), seed=s)[0] for s in range(5)])
+    predictor = Predictor(model, InferenceConfig(tile=64, overlap=32, device="cpu"))
+    post = PostprocessConfig(mode=mode)
+    ref = _serial_reference(stack, predictor, post)
+    assert ref.max() > (4 if mode == "instances" else 1)
+    for workers in (0, 1, 3):
+        out = drain(segment_image(stack, predictor, postprocess=post, workers=workers))
+        np.testing.assert_array_equal(out, ref)
+    probs = np.zeros((3, *stack.shape), np.float32)
+    out = drain(segment_image(stack, predictor, postprocess=post, probabilities_out=probs,
+                              workers=2))
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_allclose(probs[:, 2], predictor.predict(stack[2]), atol=1e-6)
+
+
+def test_pipelined_stack_in_a_process_pool(model):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    stack = np.stack([touching_disks((64, 96), seed=s)[0] for s in range(3)])
+    predictor = Predictor(model, InferenceConfig(tile=64, overlap=32, device="cpu"))
+    ref = _serial_reference(stack, predictor, PostprocessConfig())
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        out = drain(segment_image(stack, predictor, executor=ex, workers=2))
+        assert ex.submit(abs, -1).result() == 1  # the caller's pool stays open
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_half_precision_host_maps_keep_labels_identical():
+    """Instance post-processing gets P(interior) in float16 and P(background) in float32:
+    labels identical to full float32 maps on real nuclei."""
+    from napari_unet.model import load_model
+    from napari_unet.sample import load_sample
+
+    image = load_sample()[0]
+    big = np.block([[image, image[:, ::-1]], [image[::-1], image[::-1, ::-1]]])
+    predictor = Predictor(load_model(), InferenceConfig(device="cpu"))
+    for plane in (image, big):
+        ref = labels_from_probs(predictor.predict(plane), PostprocessConfig())
+        assert ref.max() > 20
+        np.testing.assert_array_equal(drain(segment_plane(plane, predictor)), ref)
+    maps = drain(predictor.predict_iter(image, channels=instance_channels(
+        predictor.model_config, predictor.n_outputs)))
+    assert maps[0].dtype == np.float32 and maps[1].dtype == np.float16 and 2 not in maps
+
+
+def test_segment_plane_maps_and_cancel(model):
+    img, _ = touching_disks((96, 96))
+    predictor = Predictor(model, InferenceConfig(tile=64, overlap=32, device="cpu"))
+    labels, maps = drain(segment_plane(img, predictor, return_maps=True))
+    assert maps.shape == (3, 96, 96) and maps.dtype == np.float32
+    np.testing.assert_array_equal(labels, instances_from_probs(maps))
+    steps = []
+    gen = segment_plane(img, predictor, cancel=lambda: len(steps) >= 1)
+    assert drive(gen, steps.append) is None and len(steps) == 1
+
+
+def test_cancel_keeps_every_inferred_plane(model):
+    stack = np.stack([touching_disks((64, 64), seed=s)[0] for s in range(6)])
+    predictor = Predictor(model, InferenceConfig(tile=64, overlap=32, batch_size=1,
+                                                 device="cpu"))
+    seen = []
+
+    def cancel():
+        return len({p.plane for p in seen}) > 3  # while plane 3 is inferred
+
+    gen = segment_image(stack, predictor, cancel=cancel, workers=2)
+    out = drive(gen, seen.append)
+    ref = _serial_reference(stack[:3], predictor, PostprocessConfig())
+    np.testing.assert_array_equal(out[:3], ref)
+    assert not out[3:].any()
+
+
+def test_offset_ids():
+    a = np.array([[0, 1], [2, 2]])
+    out, nxt = offset_ids(a, 5)
+    assert out.dtype == np.int32 and out.tolist() == [[0, 6], [7, 7]] and nxt == 7
+    empty, same = offset_ids(np.zeros((2, 2), np.int32), 7)
+    assert same == 7 and not empty.any()
+    with pytest.raises(ValueError, match="int32"):
+        offset_ids(a, 2**31 - 2)
+
+
+def test_maps_from_logits_extra_channel_and_predictor_outputs(model):
+    """A model with an extra (distance) output: softmax over the classes, sigmoid for the
+    extra channel; instance post-processing gets it copied back too."""
+    import copy
+    import dataclasses
+
+    config = dataclasses.replace(model.config, distance=True)
+    logits = torch.randn(2, 4, 8, 8)
+    maps = activate(config, logits)
+    np.testing.assert_allclose(maps[:, :3].sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(maps[:, 3], torch.sigmoid(logits[:, 3]), atol=1e-6)
+    four = copy.deepcopy(model)
+    four.config = config
+    four.head = torch.nn.Conv2d(four.head.in_channels, 4, 1)
+    predictor = Predictor(four, InferenceConfig(tile=64, overlap=32, device="cpu"))
+    assert predictor.n_outputs == 4
+    assert set(instance_channels(four.config, 4)) == {0, 1, 3}
+    img, _ = touching_disks((64, 64))
+    assert predictor.predict(img).shape == (4, 64, 64)
+    labels = drain(segment_plane(img, predictor))
+    assert labels.shape == (64, 64)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.uint32])
+def test_device_normalisation_matches_host(dtype):
+    rng = np.random.default_rng(0)
+    for shape in [(1, 50, 70), (2, 1100, 1000)]:  # the second is subsampled
+        high = 250 if dtype == np.uint8 else 60000
+        img = rng.integers(0, high, shape).astype(dtype)
+        if dtype == np.int16:
+            img -= 20000
+        ref = normalize(img)
+        host = Predictor.__new__(Predictor)
+        host.device = torch.device("cpu")
+        dev = normalize_tensor(Predictor.upload(host, img), (1.0, 99.8)).numpy()
+        np.testing.assert_allclose(dev, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="NaN"):
+        normalize_tensor(torch.tensor([1.0, float("nan")]), (1.0, 99.8))
+
+
+def test_predictor_device_normalisation_path(model):
+    img, _ = touching_disks((80, 80))
+    predictor = Predictor(model, InferenceConfig(tile=64, overlap=32, device="cpu"))
+    ref = predictor.predict(img)
+    predictor.normalize_on_device = True  # what CUDA/MPS do
+    np.testing.assert_allclose(predictor.predict(img), ref, atol=1e-5)
+
+
+def test_auto_tiling_defaults_and_explicit_values_win(model):
+    from napari_unet.device import CPU_BATCH, CPU_TILE, auto_tiling
+
+    cpu = torch.device("cpu")
+    assert auto_tiling(cpu, 16) == (CPU_TILE, CPU_BATCH)
+    assert auto_tiling(cpu, 16, 128, 2) == (128, 2)
+    p = Predictor(model, InferenceConfig(device="cpu"))
+    assert (p.tile, p.batch_size) == (CPU_TILE, CPU_BATCH)
+    p = Predictor(model, InferenceConfig(tile=64, batch_size=7, device="cpu"))
+    assert (p.tile, p.batch_size) == (64, 7)

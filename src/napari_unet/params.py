@@ -33,6 +33,7 @@ class Spec:
     optional: bool = False  # None is allowed (means "not set" / "automatic")
     label: str | None = None  # short name for forms; default: the field name in words
     advanced: bool = False  # hidden behind "advanced" in forms
+    kind: type | None = None  # the value type where the default (None) does not say it
 
     def describe(self) -> str:
         """The accepted values in words, for error messages and help."""
@@ -129,8 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         else:
             if spec.choices is not None:
                 kwargs["choices"] = list(spec.choices)
-            elif isinstance(default, int | float):
-                kwargs["type"] = _number(type(default), f"{cls.__name__}.{name}")
+            elif isinstance(default, int | float) or spec.kind in (int, float):
+                kind = spec.kind or type(default)
+                kwargs["type"] = _number(kind, f"{cls.__name__}.{name}")
             kwargs["metavar"] = name.upper()
         parser.add_argument(_flag(name, prefix), *aliases.get(name, ()), **kwargs)
 

@@ -114,10 +114,15 @@ class SegmentWidget(QWidget):
         self.model_picker = c.ModelPicker()
         self.scope_combo = QComboBox()
         self.scope_combo.addItems([WHOLE, CURRENT])
-        self.tile_spin = _spin(64, 8192, d.tile, 16, "tile size in pixels (a multiple of 16)")
+        # 0 shows "auto": tile and batch chosen from the device (InferenceConfig None).
+        self.tile_spin = _spin(0, 8192, d.tile or 0, 16,
+                               "tile size in pixels (a multiple of 16); auto: from the device")
+        self.tile_spin.setSpecialValueText("auto")
         self.overlap_spin = _spin(2 * d.margin, 1024, d.overlap, 8,
                                   f"overlap between tiles in pixels (at least {2 * d.margin})")
-        self.batch_spin = _spin(1, 256, d.batch_size, 1, "tiles per forward pass")
+        self.batch_spin = _spin(0, 256, d.batch_size or 0, 1,
+                                "tiles per forward pass; auto: from the device")
+        self.batch_spin.setSpecialValueText("auto")
         self.device_combo = c.device_combo()
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(["instances", "semantic"])
@@ -275,10 +280,12 @@ class SegmentWidget(QWidget):
         except (ModelFileError, FileNotFoundError, ValueError) as exc:
             c.notify_error(str(exc))
             return None
-        config = InferenceConfig(tile=self.tile_spin.value(), overlap=self.overlap_spin.value(),
-                                 batch_size=self.batch_spin.value(),
+        config = InferenceConfig(tile=self.tile_spin.value() or None,
+                                 overlap=self.overlap_spin.value(),
+                                 batch_size=self.batch_spin.value() or None,
                                  device=self.device_combo.currentText())
-        if config.tile % model.config.divisor or config.overlap >= config.tile or \
+        if (config.tile is not None and (config.tile % model.config.divisor
+                                         or config.overlap >= config.tile)) or \
                 config.overlap < 2 * config.margin:
             c.notify_error(f"tile ({config.tile}) must be a multiple of "
                            f"{model.config.divisor} and larger than the overlap "
