@@ -281,12 +281,16 @@ def test_device_normalisation_matches_host(dtype):
         normalize_tensor(torch.tensor([1.0, float("nan")]), (1.0, 99.8))
 
 
-def test_predictor_device_normalisation_path(model):
+def test_predictor_device_normalisation_path(model, monkeypatch):
+    from napari_unet import segment as seg
+
     img, _ = touching_disks((80, 80))
     predictor = Predictor(model, InferenceConfig(tile=64, overlap=32, device="cpu"))
     ref = predictor.predict(img)
-    predictor.normalize_on_device = True  # what CUDA/MPS do
-    np.testing.assert_allclose(predictor.predict(img), ref, atol=1e-5)
+    predictor.normalize_on_device = True  # what CUDA/MPS do: staged upload, device percentiles
+    monkeypatch.setattr(seg, "_STAGE_ON_CPU", True)
+    for _ in range(2):  # the second plane reuses the staging buffer
+        np.testing.assert_allclose(predictor.predict(img), ref, atol=1e-5)
 
 
 def test_auto_tiling_defaults_and_explicit_values_win(model):
@@ -299,3 +303,23 @@ def test_auto_tiling_defaults_and_explicit_values_win(model):
     assert (p.tile, p.batch_size) == (CPU_TILE, CPU_BATCH)
     p = Predictor(model, InferenceConfig(tile=64, batch_size=7, device="cpu"))
     assert (p.tile, p.batch_size) == (64, 7)
+
+
+def test_staged_upload_reuses_its_buffer(model, monkeypatch):
+    """CUDA's upload path (one reused staging buffer, bits of the plane's own dtype), run
+    unpinned on the CPU: exact values for each dtype, the buffer grows only when needed."""
+    from napari_unet import segment as seg
+
+    monkeypatch.setattr(seg, "_STAGE_ON_CPU", True)
+    predictor = Predictor(model, InferenceConfig(device="cpu"))
+    rng = np.random.default_rng(0)
+    planes = [rng.integers(0, 65535, (1, 40, 50)).astype(np.uint16),
+              rng.random((1, 20, 30)) > 0.5,
+              rng.normal(size=(2, 30, 30)),
+              rng.integers(0, 2**32 - 1, (1, 10, 10), dtype=np.uint64).astype(">u4")]
+    sizes = []
+    for plane in planes:
+        got = predictor.upload(plane).numpy()
+        np.testing.assert_array_equal(got, plane.astype(np.float32))
+        sizes.append(predictor._pinned.numel())
+    assert sizes[1] == sizes[0] and sizes[2] > sizes[0]  # reused, then grown

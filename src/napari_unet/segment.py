@@ -163,6 +163,10 @@ def normalize_tensor(values: torch.Tensor, percentiles: Sequence[float]) -> torc
     return (values - float(np.float32(lo))) * float(np.float32(scale))
 
 
+# Tests set this to run the staging-buffer upload (CUDA's path, unpinned) on a CPU.
+_STAGE_ON_CPU = False
+
+
 class Predictor:
     """A model on its device in the fastest safe layout/precision; maps planes to probabilities."""
 
@@ -213,18 +217,20 @@ class Predictor:
             plane = plane.astype(np.float32)
         dtype = plane.dtype
         bits = plane.view(_UPLOAD_AS[dtype]) if dtype in _UPLOAD_AS else plane
-        if self.device.type != "cuda":
-            return _device_values(torch.from_numpy(bits).to(self.device), dtype)
+        if self.device.type == "cpu" and not _STAGE_ON_CPU:
+            return _device_values(torch.from_numpy(bits), dtype)
+        cuda = self.device.type == "cuda"
         if self._pinned is None or self._pinned.numel() < bits.nbytes:
-            self._pinned = torch.empty(bits.nbytes, dtype=torch.uint8, pin_memory=True)
+            self._pinned = torch.empty(bits.nbytes, dtype=torch.uint8, pin_memory=cuda)
         elif self._uploaded is not None:
             self._uploaded.synchronize()  # the previous plane must have left the buffer
         host = self._pinned[: bits.nbytes].view(torch.from_numpy(bits[:0]).dtype)
         host = host.view(bits.shape)
         host.numpy()[...] = bits
-        raw = host.to(self.device, non_blocking=True)
-        self._uploaded = torch.cuda.Event()
-        self._uploaded.record()
+        raw = host.to(self.device, non_blocking=cuda)
+        if cuda:
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
         return _device_values(raw, dtype)
 
     def normalized(self, plane: np.ndarray) -> torch.Tensor:
