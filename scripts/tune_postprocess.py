@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from napari_unet.datasets import load_dataset, split
 from napari_unet.evaluate import evaluate_many
-from napari_unet.model import load_model
+from napari_unet.model import load_model, save_model
 from napari_unet.postprocess import PostprocessConfig, labels_from_probs
 from napari_unet.segment import InferenceConfig, Predictor
 
@@ -40,6 +41,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/napari-unet-maps"))
     ap.add_argument("--sets", nargs="+", default=list(SETS))
     ap.add_argument("--grid", default="{}", help="JSON: setting -> list of values to try")
+    ap.add_argument("--record", type=Path, default=None,
+                    help="write the (single) model to this file with the scores of the "
+                    "default settings as its provenance's validation_scores")
     args = ap.parse_args()
     sets = validation_sets(args.sets)
     grid = json.loads(args.grid)
@@ -67,6 +71,23 @@ def main() -> None:
                 line.append(f"{name[:6]} AP {m['ap']:.3f} M{m['merges']} S{m['splits']} "
                             f"F{m['false_objects']} X{m['misses']} A{m['area_ratio']:.2f}")
             print(" | ".join(line), flush=True)
+            if args.record is not None and not settings:
+                record(model, args.record, {
+                    name: evaluate_many((s.name, labels_from_probs(maps[name, s.name], post),
+                                         s.labels) for s in samples)[1]
+                    for name, samples in sets.items()})
+
+
+def record(model, out: Path, means: dict[str, dict]) -> None:
+    """Save ``model`` with these validation scores (default post-processing) recorded."""
+    scores = {name: {k: (round(v, 4) if isinstance(v, float) else v)
+                     for k, v in mean.items() if k != "name"} for name, mean in means.items()}
+    prov = model.config.provenance
+    prov["validation_scores"] = scores
+    prov["validation_postprocess"] = asdict(PostprocessConfig())
+    prov["validation"] = {name: prov.get("validation", {}).get(name) for name in scores}
+    save_model(model, out, overwrite=True)
+    print(f"wrote {out} with validation scores of {', '.join(scores)}")
 
 
 if __name__ == "__main__":

@@ -92,11 +92,25 @@ def test_resume_state_continues_the_same_run(tmp_path):
     assert steps == [5, 6, 7, 8]
 
 
-def test_old_model_files_without_distance_still_load_and_run():
-    model = load_model()  # the bundled v1 file has no "distance" key
-    assert model.config.n_outputs == model.config.n_classes
+def test_old_model_files_without_distance_still_load_and_run(tmp_path):
+    """Files written before the distance output existed have no such key in their config."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_model(UNet(ModelConfig(depth=3, base_channels=8)), tmp_path / "new.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    config = json.loads(meta["config"])
+    del config["distance"]
+    old = tmp_path / "old.safetensors"
+    save_file(state, str(old), metadata=meta | {"config": json.dumps(config)})
+    model = load_model(old)
+    assert not model.config.distance and model.config.n_outputs == model.config.n_classes
     image, _ = touching_disks((96, 96), seed=3)
-    assert segment(image, model, device="cpu").max() > 0
+    assert segment(image, model, device="cpu").shape == image.shape
 
 
 def test_error_classes_count_merges_splits_false_objects_and_misses():

@@ -22,7 +22,7 @@ class PostprocessConfig:
     foreground_threshold: float = param(0.5, min=0, max=1, min_exclusive=True,
                                         help="P(cell) above which a pixel belongs to a cell",
                                         advanced=True)
-    seed_threshold: float = param(0.5, min=0, max=1, min_exclusive=True,
+    seed_threshold: float = param(0.4, min=0, max=1, min_exclusive=True,
                                   help="P(interior) above which a core seeds one cell",
                                   advanced=True)
     min_size: int = param(16, min=0, help="objects smaller than this many pixels are dropped")
