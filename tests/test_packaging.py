@@ -64,7 +64,7 @@ def test_wheel_ships_manifest(tmp_path):
         assert "napari_unet:napari.yaml" in z.read(entry_points).decode()
         assert any(n.endswith("licenses/LICENSE") for n in names)
     assert "name: napari-unet" in manifest  # the file itself, not a dangling link
-    assert "napari_unet/models/nuclei_cells_v1.safetensors" in names
+    assert "napari_unet/models/nuclei_cells_v2.safetensors" in names
 
 
 def test_reader_claims_only_napari_unet_models(tmp_path):

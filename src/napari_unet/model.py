@@ -26,7 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 FORMAT = "napari-unet/1"
 CLASSES = ("background", "interior", "boundary")
-BUNDLED_MODEL = "nuclei_cells_v1.safetensors"
+BUNDLED_MODEL = "nuclei_cells_v2.safetensors"
 
 
 class ModelFileError(ValueError):
