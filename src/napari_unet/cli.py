@@ -5,27 +5,45 @@ Every command calls the same engine functions as the napari widgets.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-import time
-from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
+# OpenMP's default wait policy spins at every barrier; when any other process or thread
+# holds a core, each torch op then waits for a lost time slice: on a 2-core machine with one
+# core busy, training fell to 0.54 steps/s against 12.9 with one thread, and inference to
+# 0.26 MP/s (benchmarks/README.md). Passive waiting costs 0-25 % on a quiet machine, a price
+# worth paying in a command on a shared desktop. libgomp reads it when torch loads, so it is
+# set here, before the imports below load torch; a user's own setting wins. The library
+# itself never sets it: importing napari_unet must not change its host (napari).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import io
-from .augment import AugmentConfig
-from .device import select_device
-from .distributed import BatchError, Job, StitchSettings, local_client, segment_batch
-from .model import UNet, load_model, save_model
-from .postprocess import PostprocessConfig
-from .segment import InferenceConfig
-from .stitch import METRICS
-from .tiling import drive
-from .train import TrainConfig, Trainer, pairs_from_arrays, train_config
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from . import io  # noqa: E402
+from .augment import AugmentConfig  # noqa: E402
+from .batch import (  # noqa: E402
+    BatchError,
+    Job,
+    SchedulerError,
+    StitchSettings,
+    connect_scheduler,
+    local_client,
+    segment_batch,
+)
+from .device import select_device  # noqa: E402
+from .model import UNet, load_model, save_model  # noqa: E402
+from .postprocess import PostprocessConfig  # noqa: E402
+from .segment import InferenceConfig  # noqa: E402
+from .stitch import METRICS  # noqa: E402
+from .tiling import drive  # noqa: E402
+from .train import TrainConfig, Trainer, pairs_from_arrays, train_config  # noqa: E402
 
 
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
@@ -84,8 +102,7 @@ def _stitch_settings(args: argparse.Namespace) -> StitchSettings | None:
         return None
     return StitchSettings(axis=args.stack_axis, threshold=args.stitch_threshold,
                           metric=args.stitch_metric,
-                          split_ratio=args.stitch_split if args.stitch_split > 0 else None,
-                          anisotropy=args.anisotropy)
+                          split_ratio=args.stitch_split if args.stitch_split > 0 else None)
 
 
 def _segment_client(args: argparse.Namespace):
@@ -93,16 +110,22 @@ def _segment_client(args: argparse.Namespace):
     if not (args.dask_scheduler or args.workers > 0):
         return None
     try:
-        from distributed import Client
+        import distributed  # noqa: F401  (only to say how to install it)
     except ImportError as exc:
         raise SystemExit("--workers and --dask-scheduler need dask.distributed: "
                          "pip install 'napari-unet[distributed]'") from exc
-    return Client(args.dask_scheduler) if args.dask_scheduler else local_client(args.workers)
+    if args.dask_scheduler:
+        return connect_scheduler(args.dask_scheduler)
+    return local_client(args.workers)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     jobs = _segment_jobs(args)
-    client = _segment_client(args)
+    try:
+        client = _segment_client(args)
+    except SchedulerError as exc:
+        print(f"napari-unet segment: error: {exc}", file=sys.stderr)
+        return 2
     gen = segment_batch(
         jobs, model_path=args.model, inference=_inference_config(args),
         postprocess=_postprocess_config(args),
@@ -263,8 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stitch-split", type=float, default=st.split_ratio,
                    help="cut an object where its area dips below this fraction of its "
                    "largest area on both sides (0: never)")
-    g.add_argument("--anisotropy", type=float, default=st.anisotropy,
-                   help="voxel depth / pixel size, recorded with zarr output")
     p.set_defaults(func=cmd_segment)
 
     d = TrainConfig()
