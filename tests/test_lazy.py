@@ -15,9 +15,9 @@ from skimage.segmentation import relabel_sequential
 from _synthetic import touching_disks
 from napari_unet import io
 from napari_unet.augment import AugmentConfig
-from napari_unet.cli import main
 from napari_unet.batch import PLANE_STRIDE, PROGRESS_DIR, Job, StitchSettings, segment_batch
 from napari_unet.batch_plan import resolve_channel_axis as _resolve_channel_axis
+from napari_unet.cli import main
 from napari_unet.model import ModelConfig, UNet, load_model, save_model
 from napari_unet.postprocess import PostprocessConfig
 from napari_unet.segment import segment
