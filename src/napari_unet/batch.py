@@ -383,6 +383,9 @@ def _run(plans: list[Plan], ref: ModelRef, post: PostprocessConfig,
 # clusters
 
 
+_GREETING_S = 3.0
+
+
 class SchedulerError(ConnectionError):
     """A dask scheduler address that does not lead to a usable cluster."""
 
@@ -419,7 +422,8 @@ def _probe(address: str, timeout: float) -> None:
                              f"({exc.strerror or exc}); is the scheduler running? "
                              f"{what_to_do}") from None
     with sock:
-        sock.settimeout(timeout)
+        # A scheduler greets within milliseconds; do not wait the whole timeout again.
+        sock.settimeout(min(timeout, _GREETING_S))
         try:
             greeting = sock.recv(64)
         except TimeoutError:
@@ -431,14 +435,14 @@ def _probe(address: str, timeout: float) -> None:
             except OSError:
                 reply = b""
             found = ("an HTTP server (a dask dashboard?)" if reply.startswith(b"HTTP/")
-                     else f"a server that said nothing within {timeout:g} s")
+                     else f"a server that said nothing within {min(timeout, _GREETING_S):g} s")
             raise SchedulerError(f"{address} is {found}, not a dask scheduler; {what_to_do}")
         if b"pickle-protoco" not in greeting and b"compression" not in greeting:
             raise SchedulerError(f"{address} answered {greeting[:16]!r}..., not like a dask "
                                  f"scheduler; {what_to_do}")
 
 
-def connect_scheduler(address: str, timeout: float = 10.0, worker_timeout: float = 10.0
+def connect_scheduler(address: str, timeout: float = 5.0, worker_timeout: float = 10.0
                       ) -> Any:
     """A ``dask.distributed.Client`` on a running scheduler, or a clear error in seconds.
 
