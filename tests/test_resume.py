@@ -274,3 +274,27 @@ def test_scheduler_without_workers_is_reported_within_seconds():
         with pytest.raises(SchedulerError, match="no workers"):
             connect_scheduler(cluster.scheduler_address, timeout=5, worker_timeout=2)
         assert time.perf_counter() - t < 15
+
+
+# --------------------------------------------------------------------------------------------
+# process hygiene
+
+
+def test_importing_the_library_leaves_the_openmp_policy_alone():
+    # Row: "importing the package changes OMP_WAIT_POLICY of the host process (napari)".
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os, {mod}; print(os.environ.get('OMP_WAIT_POLICY'))")
+    for mod, want in (("napari_unet, napari_unet.segment, napari_unet.batch", "None"),
+                      ("napari_unet.cli", "PASSIVE")):
+        out = subprocess.run([sys.executable, "-c", code.format(mod=mod)], env=env,
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want, (mod, out.stdout)
+
+
+def test_anisotropy_option_is_gone(tmp_path):
+    # Row: "--anisotropy changes nothing" (stitching compares 2D masks; it was only recorded).
+    with pytest.raises(SystemExit):
+        main(["segment", str(tmp_path / "s.tif"), "--stitch-3d", "--anisotropy", "2"])
