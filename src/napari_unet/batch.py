@@ -215,7 +215,8 @@ def run_plane_iter(
         raise ValueError(f"plane {task.index} of {task.source} has {n} objects; at most "
                          f"{task.stride - 1} per plane are supported")
     if n:
-        labels = np.where(labels > 0, labels.astype(np.int64) + task.index * task.stride, 0)
+        dtype = zarr.open_array(task.store, mode="r").dtype  # int64 only past 2047 planes
+        labels = np.where(labels > 0, labels.astype(dtype) + task.index * task.stride, 0)
     _write_plane(task, labels)
     mark_done(Path(task.store), task.index, n)
     return PlaneResult(task.store, task.index, n, int(labels.size),

@@ -92,7 +92,11 @@ def _segment_jobs(args: argparse.Namespace) -> list[Job]:
         return [Job(args.inputs[0], args.output, args.label_name)]
     if args.output.suffix.lower() in (".zarr", *io.TIFF_SUFFIXES):
         raise SystemExit(f"several inputs need a folder as -o, not {args.output}")
-    args.output.mkdir(parents=True, exist_ok=True)
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the output folder {args.output}: "
+                         f"{exc.strerror or exc}; choose another -o folder") from exc
     return [Job(src, args.output / f"{src.name.split('.')[0]}_labels.{args.format}",
                 args.label_name) for src in args.inputs]
 
