@@ -50,8 +50,9 @@ _MAX_SLAB_BYTES = 512 * 2**20
 _BIGTIFF_BYTES = 2**32 - 2**25
 # NGFF (since 0.2) requires "/" between chunk indices.
 _CHUNK_KEYS = {"name": "v2", "separator": "/"}
-# Key of write_labels' attrs in a TIFF's JSON description.
-_TIFF_ATTRS_KEY = "napari_unet"
+# write_labels' attrs live in a private TIFF tag (65000-65535 is the private range): the
+# ImageDescription belongs to tifffile's shape record or to the OME-XML of .ome.tif files.
+_TIFF_ATTRS_TAG = 65117
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,8 +543,7 @@ def _write_tiff(p: Path, labels: np.ndarray | da.Array, attrs: dict[str, Any] | 
     # The temp name ends with the real name's suffixes so tifffile's suffix-based choices
     # (OME-XML for .ome.tif) are the same as for the final file.
     bigtiff = labels.size * labels.dtype.itemsize > _BIGTIFF_BYTES
-    # Extra keys go into tifffile's JSON description, next to the shape it records.
-    metadata = {_TIFF_ATTRS_KEY: json.dumps(attrs)} if attrs else {}
+    extratags = [(_TIFF_ATTRS_TAG, "s", 0, json.dumps(attrs), True)] if attrs else []
     with atomic.atomic_path(p, keep_suffix=True) as tmp:
         if isinstance(labels, da.Array):
             tifffile.imwrite(
@@ -554,12 +554,12 @@ def _write_tiff(p: Path, labels: np.ndarray | da.Array, attrs: dict[str, Any] | 
                 photometric="minisblack",
                 compression="zlib",
                 bigtiff=bigtiff,
-                metadata=metadata,
+                extratags=extratags,
             )
         else:
             # photometric must be explicit: tifffile would store a (3, Y, X) stack as planar RGB.
             tifffile.imwrite(tmp, labels, photometric="minisblack", compression="zlib",
-                             bigtiff=bigtiff, metadata=metadata)
+                             bigtiff=bigtiff, extratags=extratags)
 
 
 def read_label_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -569,10 +569,8 @@ def read_label_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         if p.suffix.lower() in TIFF_SUFFIXES and p.is_file():
             with tifffile.TiffFile(p) as tif:
-                for meta in tif.shaped_metadata or ():
-                    if _TIFF_ATTRS_KEY in meta:
-                        return dict(json.loads(meta[_TIFF_ATTRS_KEY]))
-            return None
+                tag = tif.pages.first.tags.get(_TIFF_ATTRS_TAG)
+                return dict(json.loads(tag.value)) if tag is not None else None
         if _is_zarr(p):
             node = zarr.open(store=str(p), mode="r")
             return dict(node.attrs) if isinstance(node, zarr.Array) else None
