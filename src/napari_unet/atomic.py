@@ -10,6 +10,7 @@ process left behind.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ __all__ = ["atomic_path", "move_into_place", "remove", "remove_stale_temporaries
            "temp_sibling", "write_text"]
 
 _SUFFIX = ".part"
+# What follows ".<name>." in a temporary's name (see temp_sibling and move_into_place).
+_TEMP_TAIL = re.compile(r"^[0-9a-f]{8}(\.old)?\.part(\..*)?$")
 
 
 def temp_sibling(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
@@ -96,7 +99,7 @@ def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
         return []
     prefix = f".{p.name}."
     stale = [q for q in p.parent.iterdir()
-             if q.name.startswith(prefix) and _SUFFIX in q.name[len(prefix):]]
+             if q.name.startswith(prefix) and _TEMP_TAIL.match(q.name[len(prefix):])]
     for q in stale:
         remove(q)
     return stale
