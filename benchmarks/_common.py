@@ -23,6 +23,10 @@ from typing import Any
 
 import numpy as np
 
+# Benchmarks run as commands, like the CLI: passive OpenMP waiting (see napari_unet/cli.py),
+# set before any script imports torch. Importing napari_unet itself no longer sets it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 MODES = ("smoke", "quick", "normal", "full")
@@ -419,12 +423,12 @@ def threading_probe(script: str, child_args: list[str], unit: str) -> list[dict]
     """The script's ``--probe-child`` rate in fresh processes under three thread settings.
 
     torch's default thread count with OpenMP's default (spinning) wait policy, the same with
-    ``OMP_WAIT_POLICY=PASSIVE`` (what importing napari_unet sets), and 1 thread. On a
+    ``OMP_WAIT_POLICY=PASSIVE`` (what the CLI and benchmarks set), and 1 thread. On a
     machine shared with other jobs, threads that spin at every op's barrier lose whole
     scheduler slices whenever one of them is descheduled; this shows how much that costs
     here and now.
     """
-    # napari_unet sets OMP_WAIT_POLICY=PASSIVE unless the variable is set. An empty value
+    # The CLI and _common set OMP_WAIT_POLICY=PASSIVE unless the variable is set. An empty value
     # keeps it out of the way and makes libgomp (which warns about it) use its own default.
     variants = [
         ("default threads, OMP default wait", {"OMP_WAIT_POLICY": ""}, 0),

@@ -6,7 +6,7 @@
    stack.zarr -o labels.zarr`` runs in a fresh subprocess that reports its peak RSS
    (``resource.getrusage``) and its RSS after imports + model load (the baseline).
    Throughput = megapixels / wall time of the whole command (model load included).
-2. Scaling: a smaller stack is segmented by ``distributed.segment_batch`` on a local dask
+2. Scaling: a smaller stack is segmented by ``batch.segment_batch`` on a local dask
    cluster of 1, then 2 worker processes (one thread each), after an untimed warm-up run in
    which every worker loads the model; the in-process run (torch's default threads) is the
    reference.
@@ -89,7 +89,7 @@ def run_lazy(stack: Path, out: Path, model: str, device: str, threads: int) -> d
 
 def run_scaling(stack: Path, warm: Path, workdir: Path, workers: list[int],
                 model_path: str | None, device: str) -> list[dict[str, Any]]:
-    from napari_unet.distributed import Job, local_client, segment_batch
+    from napari_unet.batch import Job, local_client, segment_batch
     from napari_unet.segment import InferenceConfig
     from napari_unet.tiling import drain
 

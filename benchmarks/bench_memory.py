@@ -9,6 +9,14 @@ count), target <= 1.10; the excess of the largest run over the 1-plane run is co
 one "plane set" (input uint16 + normalised float32 + 3 float32 probabilities + int32 labels).
 
     python benchmarks/bench_memory.py [--quick | --smoke] [--planes 1 5 50] [--size 2048]
+
+``--huge`` measures one huge 2D plane instead (uint8 zarr, 12 000 x 12 000 by default): the
+whole-plane engine (``segment_image``: the plane and its probabilities held whole) against
+:func:`napari_unet.blocks.segment_plane_blocks` (2048-pixel blocks with a 128-pixel halo),
+each in a fresh process, with the objects found and the agreement of the two label images.
+
+    python benchmarks/bench_memory.py --huge [--smoke | --quick] [--huge-size 12000]
+        [--variants whole blocks]
 """
 
 from __future__ import annotations
@@ -57,6 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--huge", action="store_true",
+                   help="one huge 2D plane: whole-plane engine vs block by block")
+    p.add_argument("--huge-size", type=int, default=None,
+                   help="side of the huge plane (default 12000; --quick 4000; --smoke 600)")
+    p.add_argument("--variants", nargs="+", default=["whole", "blocks"],
+                   choices=["whole", "blocks"], help="which --huge runs to make")
+    p.add_argument("--block", type=int, default=None, help="block side for --huge")
+    p.add_argument("--halo", type=int, default=None, help="halo for --huge")
+    p.add_argument("--variant", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -123,11 +140,103 @@ def run_child(args: argparse.Namespace, stack: Path, workdir: Path, n: int) -> d
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def huge_child(args: argparse.Namespace) -> None:
+    """Segment the huge plane whole or block by block; labels saved as .npy for the parent."""
+    setup_torch(args)
+    import zarr
+
+    from napari_unet.blocks import DEFAULT_BLOCK, DEFAULT_HALO, segment_plane_blocks
+    from napari_unet.model import load_model
+    from napari_unet.segment import InferenceConfig, Predictor, segment_image
+    from napari_unet.tiling import drain
+
+    predictor = Predictor(load_model(), InferenceConfig(device=args.device))
+    plane = zarr.open_array(str(args.input), mode="r")
+    baseline = _rss_now()
+    t = time.perf_counter()
+    if args.variant == "whole":
+        labels = drain(segment_image(plane, predictor))
+    else:
+        labels = drain(segment_plane_blocks(plane, predictor, block=args.block or DEFAULT_BLOCK,
+                                            halo=args.halo or DEFAULT_HALO))
+    wall = time.perf_counter() - t
+    peak = _maxrss()
+    np.save(args.output, labels)
+    print(json.dumps({"variant": args.variant, "peak_rss": peak, "baseline_rss": baseline,
+                      "wall_s": wall, "mp_s": plane.size / 1e6 / wall,
+                      "objects": int(labels.max())}))
+
+
+def make_huge(path: Path, size: int, seed: int) -> None:
+    """A uint8 zarr plane in 2048 x 2048 chunks, written one strip of rows at a time."""
+    import zarr
+
+    chunk = min(2048, size)
+    arr = zarr.create_array(str(path), shape=(size, size), dtype=np.uint8,
+                            chunks=(chunk, chunk), fill_value=0)
+    for y in range(0, size, chunk):
+        strip = nuclei_plane((min(chunk, size - y), size), seed + y)
+        arr[y : y + strip.shape[0]] = np.clip(strip // 16, 0, 255).astype(np.uint8)
+
+
+def huge_main(args: argparse.Namespace) -> dict[str, Any]:
+    mode = mode_of(args)
+    size = args.huge_size or pick(mode, smoke=600, quick=4000, normal=12000)
+    t_start = time.perf_counter()
+    print(f"{NAME} --huge: mode={mode} plane {size}x{size} uint8 zarr, variants "
+          f"{args.variants}", flush=True)
+    runs = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp, NoiseMonitor() as noise:
+        workdir = Path(tmp)
+        plane = workdir / "plane.zarr"
+        make_huge(plane, size, args.seed)
+        for variant in args.variants:
+            cmd = [sys.executable, __file__, "--child", "--variant", variant, "--input",
+                   str(plane), "--output", str(workdir / f"{variant}.npy"), "--device",
+                   args.device, "--threads", str(args.threads), "--seed", str(args.seed)]
+            cmd += ["--block", str(args.block)] if args.block else []
+            cmd += ["--halo", str(args.halo)] if args.halo else []
+            if args.smoke:
+                cmd.append("--smoke")
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                raise RuntimeError(f"{variant} run failed:\n{res.stderr[-2000:]}")
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"  {variant}: peak {r['peak_rss'] / MB:.0f} MB, {r['wall_s']:.1f} s, "
+                  f"{r['objects']} objects", flush=True)
+            runs.append(r)
+        agreement = None
+        if len(runs) == 2:
+            a = np.load(workdir / "whole.npy", mmap_mode="r")
+            b = np.load(workdir / "blocks.npy", mmap_mode="r")
+            agreement = fmt(float(np.mean((np.asarray(a) > 0) == (np.asarray(b) > 0))), 5)
+    rows = [{"variant": r["variant"], "peak_rss_mb": fmt(r["peak_rss"] / MB, 1),
+             "bytes_per_pixel": fmt((r["peak_rss"] - r["baseline_rss"]) / size**2, 1),
+             "wall_s": fmt(r["wall_s"], 1), "mp_s": fmt(r["mp_s"], 2),
+             "objects": r["objects"]} for r in runs]
+    t = table(rows, ["variant", "peak_rss_mb", "bytes_per_pixel", "wall_s", "mp_s", "objects"],
+              f"peak RSS segmenting one {size}x{size} uint8 zarr plane (fresh process per row)")
+    emit(t)
+    if agreement is not None:
+        emit(f"foreground agreement whole vs blocks: {agreement}")
+    payload = {"benchmark": f"{NAME}_huge", "mode": mode, "machine": machine_info(args.device),
+               "noise": noise.summary(), "config": {"size": size, "dtype": "uint8"},
+               "runs": rows, "foreground_agreement": agreement, "tables": {"memory": t},
+               "wall_s": fmt(time.perf_counter() - t_start, 1)}
+    write_json(out_path(args, f"{NAME}_huge"), payload)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.child and args.variant:
+        huge_child(args)
+        return {}
     if args.child:
         child(args)
         return {}
+    if args.huge:
+        return huge_main(args)
     mode = mode_of(args)
     t_start = time.perf_counter()
     planes = sorted(set(args.planes or pick(mode, smoke=[1, 2, 4], normal=[1, 5, 50])))

@@ -148,6 +148,6 @@ def test_fine_tuned_model_keeps_its_base_models_data_and_licences():
 
     tuned = ModelConfig(provenance={"base_model": "bundled", "images": ["mine.tif"]})
     trained_on, note = bio._training_data(tuned)
-    assert "dsb2018_nuclei" in trained_on and "fine-tuned" in note
+    assert "dsb2018_train" in trained_on and "fine-tuned" in note
     scratch = ModelConfig(provenance={"base_model": "scratch"})
     assert bio._training_data(scratch) == ({}, "trained on the user's own annotations")

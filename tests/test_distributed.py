@@ -13,7 +13,7 @@ import tifffile
 import zarr
 from skimage.segmentation import relabel_sequential
 
-from napari_unet.distributed import (
+from napari_unet.batch import (
     PROGRESS_DIR,
     Job,
     model_loads,

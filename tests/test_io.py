@@ -278,3 +278,33 @@ def test_plain_group_with_single_array(tmp_path):
     group.create_array("data", data=np.arange(12, dtype=np.int16).reshape(3, 4))
     np.testing.assert_array_equal(read_image(tmp_path / "one.zarr"), np.arange(12).reshape(3, 4))
     assert read_axes(tmp_path / "one.zarr") is None
+
+
+def test_atomic_path_keeps_the_old_output_when_writing_fails(tmp_path):
+    from napari_unet import atomic
+
+    for final in (tmp_path / "a.tif", tmp_path / "b.zarr"):
+        write_labels(final, np.ones((2, 8, 8), np.int32))
+        before = np.asarray(read_image(final))
+        with pytest.raises(OSError, match="full"), atomic.atomic_path(final) as tmp:
+            tmp.mkdir() if final.suffix == ".zarr" else tmp.write_bytes(b"half")
+            raise OSError(28, "disk full")
+        np.testing.assert_array_equal(np.asarray(read_image(final)), before)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # Replacing a folder moves the old one aside first and deletes it only on success.
+    write_labels(tmp_path / "b.zarr", np.full((2, 8, 8), 5, np.int32), overwrite=True)
+    assert int(np.asarray(read_image(tmp_path / "b.zarr")).max()) == 5
+    assert atomic.remove_stale_temporaries(tmp_path / "b.zarr") == []
+
+
+def test_label_attrs_round_trip(tmp_path):
+    from napari_unet.io import read_label_attrs
+
+    attrs = {"napari_unet": {"complete": True, "record": {"input": {"shape": [2, 8, 8]}}}}
+    for name in ("l.tif", "l.ome.tif", "l.zarr"):
+        write_labels(tmp_path / name, np.ones((2, 8, 8), np.int32), attrs=attrs)
+        assert read_label_attrs(tmp_path / name) == attrs
+        assert np.asarray(read_image(tmp_path / name)).shape == (2, 8, 8)
+    tifffile.imwrite(tmp_path / "plain.tif", np.ones((8, 8), np.uint8))
+    assert read_label_attrs(tmp_path / "plain.tif") is None
+    assert read_label_attrs(tmp_path / "missing.tif") is None

@@ -12,7 +12,9 @@ from skimage.segmentation import relabel_sequential
 
 from napari_unet.stitch import match_planes, stitch_planes, stitch_planes_iter
 
-DEMO = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "dsb_nuclei_demo"
+# ../shared/data next to the checkout (or next to a folder above it, for a worktree).
+DEMO = next((p / "shared" / "data" for p in Path(__file__).resolve().parents[1:]
+             if (p / "shared" / "data").is_dir()), Path("shared/data")) / "dsb_nuclei_demo"
 NUCLEI3D = DEMO / "images" / "nuclei3d.tif"
 NUCLEI3D_LABELS = DEMO / "labels" / "nuclei3d.tif"
 
@@ -190,4 +192,9 @@ def test_nuclei3d_bundled_model_plane_by_plane():
     ap2d = np.mean([_ap(planes[z], gt[z]) for z in range(gt.shape[0]) if gt[z].any()])
     print(f"\nnuclei3d, bundled model plane by plane + stitching: 3D AP@0.5 {ap3d:.3f} "
           f"({out.max()} objects, {len(np.unique(gt)) - 1} true); mean 2D AP@0.5 {ap2d:.3f}")
-    assert out.max() > 0
+    # Relative to the model's own 2D quality, so a new bundled model does not break it, but
+    # stitching that links nothing (~11x the objects) or everything fails it.
+    n_true = len(np.unique(gt)) - 1
+    assert abs(int(out.max()) - n_true) <= 0.3 * n_true
+    assert int(planes.max()) > 3 * int(out.max())
+    assert ap3d >= 0.6 * ap2d

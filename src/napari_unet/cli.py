@@ -5,10 +5,20 @@ Every command calls the same engine functions as the napari widgets.
 
 from __future__ import annotations
 
+import os
+
+# OpenMP's default wait policy spins at every barrier; when any other process or thread
+# holds a core, each torch op then waits for a lost time slice: on a 2-core machine with one
+# core busy, training fell to 0.54 steps/s against 12.9 with one thread, and inference to
+# 0.26 MP/s (benchmarks/README.md). Passive waiting costs 0-25 % on a quiet machine, a price
+# worth paying in a command on a shared desktop. libgomp reads it when torch loads, so it is
+# set here, before the imports below load torch; a user's own setting wins. The library
+# itself never sets it: importing napari_unet must not change its host (napari).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import errno
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,8 +31,16 @@ from tqdm import tqdm
 from . import io, params
 from .annotation_file import complete_mask, read_sidecar
 from .augment import AugmentConfig
+from .batch import (
+    BatchError,
+    Job,
+    SchedulerError,
+    StitchSettings,
+    connect_scheduler,
+    local_client,
+    segment_batch,
+)
 from .device import select_device
-from .distributed import BatchError, Job, StitchSettings, local_client, segment_batch
 from .model import (
     ModelFileError,
     UNet,
@@ -117,7 +135,11 @@ def _segment_jobs(args: argparse.Namespace) -> list[Job]:
     if not args.output.is_dir():
         check_writable_folder(args.output.parent if str(args.output.parent) else Path("."),
                               "output folder")
-        args.output.mkdir()
+        try:
+            args.output.mkdir()
+        except OSError as exc:
+            raise ValueError(f"cannot create the output folder {args.output}: "
+                             f"{exc.strerror or exc}; choose another -o folder") from exc
     check_writable_folder(args.output, "label outputs")
     return [Job(src, args.output / f"{src.name.split('.')[0]}_labels.{args.format}",
                 args.label_name) for src in args.inputs]
@@ -141,8 +163,7 @@ def _stitch_settings(args: argparse.Namespace) -> StitchSettings | None:
         return None
     return StitchSettings(axis=args.stack_axis, threshold=args.stitch_threshold,
                           metric=args.stitch_metric,
-                          split_ratio=args.stitch_split if args.stitch_split > 0 else None,
-                          anisotropy=args.anisotropy)
+                          split_ratio=args.stitch_split if args.stitch_split > 0 else None)
 
 
 def _segment_client(args: argparse.Namespace):
@@ -150,11 +171,13 @@ def _segment_client(args: argparse.Namespace):
     if not (args.dask_scheduler or args.workers > 0):
         return None
     try:
-        from distributed import Client
+        import distributed  # noqa: F401  (only to say how to install it)
     except ImportError as exc:
         raise SystemExit("--workers and --dask-scheduler need dask.distributed: "
                          "pip install 'napari-unet[distributed]'") from exc
-    return Client(args.dask_scheduler) if args.dask_scheduler else local_client(args.workers)
+    if args.dask_scheduler:
+        return connect_scheduler(args.dask_scheduler)
+    return local_client(args.workers)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -237,7 +260,11 @@ def _measure_outputs(args: argparse.Namespace, jobs: list[Job]) -> None:
 
 def _segment_napari_unet(args: argparse.Namespace, jobs: list[Job], inference: InferenceConfig,
                          postprocess: PostprocessConfig) -> int:
-    client = _segment_client(args)
+    try:
+        client = _segment_client(args)
+    except SchedulerError as exc:
+        print(f"napari-unet segment: error: {exc}", file=sys.stderr)
+        return 2
     gen = segment_batch(
         jobs, model_path=args.model, inference=inference, postprocess=postprocess,
         channel_axis="auto" if args.channel_axis is None else args.channel_axis,
@@ -454,9 +481,6 @@ def build_parser() -> argparse.ArgumentParser:
                    type=_ranged(float, "--stitch-split", min=0, max=1),
                    help="cut an object where its area dips below this fraction of its "
                    "largest area on both sides (0: never)")
-    g.add_argument("--anisotropy", default=st.anisotropy,
-                   type=_ranged(float, "--anisotropy", min=0, max=1000, min_exclusive=True),
-                   help="voxel depth / pixel size, recorded with zarr output")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("train", help="fine-tune on sparse annotations")

@@ -7,10 +7,9 @@ chunks are only decoded when a block is computed) and writers stream plane by pl
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,13 @@ import tifffile
 import zarr
 from dask.base import tokenize
 
+from . import atomic
+
 __all__ = [
     "create_label_store",
     "read_axes",
     "read_image",
+    "read_label_attrs",
     "write_labels",
     "write_ome_zarr_image",
     "write_ome_zarr_labels",
@@ -48,6 +50,9 @@ _MAX_SLAB_BYTES = 512 * 2**20
 _BIGTIFF_BYTES = 2**32 - 2**25
 # NGFF (since 0.2) requires "/" between chunk indices.
 _CHUNK_KEYS = {"name": "v2", "separator": "/"}
+# write_labels' attrs live in a private TIFF tag (65000-65535 is the private range): the
+# ImageDescription belongs to tifffile's shape record or to the OME-XML of .ome.tif files.
+_TIFF_ATTRS_TAG = 65117
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +251,7 @@ def write_labels(
     *,
     overwrite: bool = False,
     chunks: Sequence[int] | None = None,
+    attrs: dict[str, Any] | None = None,
 ) -> None:
     """Write an integer label image (numpy or dask, at least 2D) to ``.tif/.tiff`` or ``.zarr``.
 
@@ -253,6 +259,8 @@ def write_labels(
     zarr is chunked one plane per chunk unless ``chunks`` is given (``chunks`` is zarr only).
     The result is written under a temporary name and moved into place at the end, so a crash
     never leaves a half-written file, and ``labels`` may lazily read from ``path`` itself.
+    ``attrs`` (JSON-able) are stored with the labels: zarr attributes, or in the TIFF's
+    description; :func:`read_label_attrs` reads them back.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -263,12 +271,11 @@ def write_labels(
     suffix = p.suffix.lower()
     if suffix in TIFF_SUFFIXES:
         _check_target(p, overwrite, want_dir=False)
-        _write_tiff(p, labels)
+        _write_tiff(p, labels, attrs)
     elif suffix == ".zarr":
         _check_target(p, overwrite, want_dir=True)
         chunks = _default_chunks(labels.shape) if chunks is None else tuple(chunks)
-        tmp = _temp_sibling(p)
-        try:
+        with atomic.atomic_path(p) as tmp:
             target = zarr.create_array(
                 str(tmp),
                 shape=labels.shape,
@@ -279,9 +286,8 @@ def write_labels(
                 chunk_key_encoding=_CHUNK_KEYS,
             )
             _store(labels, target)
-            _move_into_place(tmp, p)
-        finally:
-            _remove(tmp)
+            if attrs:
+                target.attrs.update(attrs)
     else:
         raise ValueError(
             f"Cannot write labels to '{p}': expected a {', '.join(TIFF_SUFFIXES)} or .zarr path."
@@ -349,8 +355,7 @@ def write_ome_zarr_image(
         image = np.asarray(image)
     axes = _validate_axes(axes, image.ndim)
     _check_target(p, overwrite, want_dir=True)
-    tmp = _temp_sibling(p)
-    try:
+    with atomic.atomic_path(p) as tmp:
         group = zarr.open_group(str(tmp), mode="w-", zarr_format=_zarr_format(version))
         datasets = []
         for i in range(levels):
@@ -369,9 +374,6 @@ def write_ome_zarr_image(
               "metadata": {"description": "level i keeps every 2**i-th pixel in Y and X",
                            "method": "numpy slicing [..., ::2**i, ::2**i]"}}
         group.attrs.update(_ngff_attrs(version, multiscales=[ms]))
-        _move_into_place(tmp, p)
-    finally:
-        _remove(tmp)
     return str(p)
 
 
@@ -580,12 +582,12 @@ def _store(data: np.ndarray | da.Array, target: zarr.Array) -> None:
     da.store(data, target, lock=not aligned)
 
 
-def _write_tiff(p: Path, labels: np.ndarray | da.Array) -> None:
-    # Ending the temp name with the real name keeps tifffile's suffix-based choices (OME-XML
-    # for .ome.tif) identical to writing the final file directly.
-    tmp = p.with_name(f".{uuid.uuid4().hex[:8]}.part{p.name}")
+def _write_tiff(p: Path, labels: np.ndarray | da.Array, attrs: dict[str, Any] | None) -> None:
+    # The temp name ends with the real name's suffixes so tifffile's suffix-based choices
+    # (OME-XML for .ome.tif) are the same as for the final file.
     bigtiff = labels.size * labels.dtype.itemsize > _BIGTIFF_BYTES
-    try:
+    extratags = [(_TIFF_ATTRS_TAG, "s", 0, json.dumps(attrs), True)] if attrs else []
+    with atomic.atomic_path(p, keep_suffix=True) as tmp:
         if isinstance(labels, da.Array):
             tifffile.imwrite(
                 tmp,
@@ -595,15 +597,29 @@ def _write_tiff(p: Path, labels: np.ndarray | da.Array) -> None:
                 photometric="minisblack",
                 compression="zlib",
                 bigtiff=bigtiff,
+                extratags=extratags,
             )
         else:
             # photometric must be explicit: tifffile would store a (3, Y, X) stack as planar RGB.
-            tifffile.imwrite(
-                tmp, labels, photometric="minisblack", compression="zlib", bigtiff=bigtiff
-            )
-        os.replace(tmp, p)
-    finally:
-        _remove(tmp)
+            tifffile.imwrite(tmp, labels, photometric="minisblack", compression="zlib",
+                             bigtiff=bigtiff, extratags=extratags)
+
+
+def read_label_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``attrs`` :func:`write_labels` stored with a label image; None if it has none
+    (or is not a TIFF / zarr array at all)."""
+    p = Path(path)
+    try:
+        if p.suffix.lower() in TIFF_SUFFIXES and p.is_file():
+            with tifffile.TiffFile(p) as tif:
+                tag = tif.pages.first.tags.get(_TIFF_ATTRS_TAG)
+                return dict(json.loads(tag.value)) if tag is not None else None
+        if _is_zarr(p):
+            node = zarr.open(store=str(p), mode="r")
+            return dict(node.attrs) if isinstance(node, zarr.Array) else None
+    except (OSError, ValueError, TypeError, tifffile.TiffFileError):
+        return None
+    return None
 
 
 def _iter_planes(arr: da.Array) -> Iterator[np.ndarray]:
@@ -651,28 +667,7 @@ def _check_target(p: Path, overwrite: bool, *, want_dir: bool) -> bool:
     return True
 
 
-def _temp_sibling(p: Path) -> Path:
-    return p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.part")
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing folder is moved aside first (rename cannot
-    replace a non-empty folder) and restored if the swap fails."""
-    if not (final.exists() or final.is_symlink()):
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    _remove(old)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists() or p.is_symlink():
-        p.unlink(missing_ok=True)
+# The OME-Zarr label writer still names these; they are the shared atomic helpers.
+_temp_sibling = atomic.temp_sibling
+_move_into_place = atomic.move_into_place
+_remove = atomic.remove

@@ -1,0 +1,123 @@
+"""Huge planes block by block (issue 10 item 6): same labels as the whole plane, no object
+split or duplicated at block borders, only windows read from a lazy plane."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_unet.blocks import needs_blocks, segment_plane_blocks
+from napari_unet.model import load_model
+from napari_unet.postprocess import PostprocessConfig, labels_from_probs
+from napari_unet.segment import InferenceConfig, Predictor
+from napari_unet.tiling import drain
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Pointwise(Predictor):
+    """Class probabilities from each pixel's own intensity: no context at all, so blocks and
+    the whole plane must give exactly the same probabilities (up to blending rounding)."""
+
+    def __call__(self, batch: torch.Tensor, channels=None) -> torch.Tensor:
+        x = batch[:, :1].float()
+        fg = torch.sigmoid(20 * (x - 0.25))
+        core = torch.sigmoid(20 * (x - 0.6))
+        maps = torch.cat([1 - fg, fg * core, fg * (1 - core)], dim=1)
+        return maps if channels is None else maps[:, list(channels)]
+
+
+def blobs(shape: tuple[int, int], n: int, seed: int = 0) -> np.ndarray:
+    """Bright Gaussian nuclei (radius ~6-10 px, some touching) on a dark background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    img = np.zeros(shape, np.float32)
+    for y, x, s in zip(rng.uniform(0, shape[0], n), rng.uniform(0, shape[1], n),
+                       rng.uniform(3, 5, n), strict=True):
+        img = np.maximum(img, np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * s * s)))
+    return (img * 200 + 10).astype(np.uint8)
+
+
+def canonical(labels: np.ndarray) -> np.ndarray:
+    """Ids renumbered by first appearance in raster order: equal iff same partition."""
+    flat = labels.ravel()
+    ids, first = np.unique(flat, return_index=True)
+    order = np.argsort(first)
+    lut = np.zeros(int(ids.max()) + 1, np.int64)
+    fg = ids[order] > 0
+    lut[ids[order][fg]] = np.arange(1, fg.sum() + 1)
+    return lut[labels]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+def test_blocks_equal_the_whole_plane_and_never_split_objects(model):
+    plane = blobs((300, 340), 220, seed=1)
+    pred = Pointwise(model, InferenceConfig(tile=64, overlap=32, margin=8, device="cpu"))
+    post = PostprocessConfig()
+    whole = labels_from_probs(pred.predict(plane), post)
+    assert whole.max() > 100
+    steps = list(_iter(segment_plane_blocks(plane, pred, post, block=64, halo=32)))
+    got, last = steps[-1]
+    assert last.fraction == 1.0 and last.cut_objects == 0
+    # 30 blocks, >100 objects crossing block borders: identical partition.
+    crossing = {int(v) for k in range(64, 340, 64) for v in np.unique(whole[:, k - 1 : k + 1])}
+    assert len(crossing) > 30
+    np.testing.assert_array_equal(canonical(got), canonical(whole))
+    # Lazy input (zarr, read by window) and an on-disk output give the same.
+    src = zarr.create_array(store={}, shape=plane.shape, dtype=plane.dtype, chunks=(50, 50))
+    src[:] = plane
+    out = zarr.create_array(store={}, shape=plane.shape, dtype=np.int32, chunks=(64, 64))
+    drain(segment_plane_blocks(src, pred, post, block=64, halo=32, out=out))
+    np.testing.assert_array_equal(canonical(out[:]), canonical(whole))
+    # Semantic classes: simply the cores.
+    sem = PostprocessConfig(mode="semantic")
+    np.testing.assert_array_equal(drain(segment_plane_blocks(plane, pred, sem, 64, 32)),
+                                  labels_from_probs(pred.predict(plane), sem))
+
+
+def test_too_small_a_halo_is_reported_not_silent(model):
+    plane = blobs((200, 200), 120, seed=2)
+    pred = Pointwise(model, InferenceConfig(tile=64, overlap=32, margin=8, device="cpu"))
+    last = list(segment_plane_blocks(plane, pred, block=50, halo=2))[-1]
+    assert last.cut_objects > 0
+
+
+def test_real_model_matches_whole_plane_away_from_block_borders(model):
+    from napari_unet.sample import load_sample
+
+    plane = np.pad(load_sample()[0], ((0, 200), (0, 150)), mode="reflect")  # 456 x 406
+    pred = Predictor(model, InferenceConfig(device="cpu"))
+    whole = labels_from_probs(pred.predict(plane), PostprocessConfig())
+    got = drain(segment_plane_blocks(plane, pred, block=160, halo=96))
+    # Tiles sit elsewhere than in the whole plane, so probabilities differ by rounding:
+    # every whole-plane object must be found again (IoU > 0.9), border-crossing ones too.
+    ious = []
+    for i in range(1, whole.max() + 1):
+        m = whole == i
+        ids, counts = np.unique(got[m], return_counts=True)
+        j = ids[np.argmax(counts)]
+        ious.append(0 if j == 0 else (m & (got == j)).sum() / (m | (got == j)).sum())
+    ious = np.array(ious)
+    assert whole.max() > 20 and (ious > 0.9).mean() > 0.97, np.sort(ious)[:10]
+
+
+def test_needs_blocks():
+    assert needs_blocks((12000, 12000)) and not needs_blocks((2, 2048, 2048))
+
+
+def _iter(gen):
+    """(labels so far, progress) pairs; the last one holds the result."""
+    last = None
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            yield stop.value, last
+            return
+        last = p
