@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .atomic import atomic_path
+
 FORMAT = "napari-unet/1"
 CLASSES = ("background", "interior", "boundary")
 BUNDLED_MODEL = "nuclei_cells_v2.safetensors"
@@ -167,18 +169,16 @@ def save_model(model: UNet, path: str | os.PathLike, *, overwrite: bool = False)
     """Write weights + JSON config atomically; refuses to replace a file unless asked."""
     path = check_model_output(path, overwrite=overwrite)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "config": model.config.to_json()})
-        os.replace(tmp, path)
+        with atomic_path(path, keep_suffix=True) as tmp:
+            save_file(state, str(tmp),
+                      metadata={"format": FORMAT, "config": model.config.to_json()})
     except SafetensorError as exc:
         # safetensors reports I/O failures (disk full, read-only) as its own error type;
         # as an OSError they get the same handling as any other failed write.
         code = re.search(r"os error (\d+)", str(exc))
         err = int(code.group(1)) if code else errno.EIO
         raise OSError(err, os.strerror(err), str(path)) from exc
-    finally:
-        tmp.unlink(missing_ok=True)  # a half-written file must not fill the disk
     return path
 
 
