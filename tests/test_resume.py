@@ -297,3 +297,24 @@ def test_importing_the_library_leaves_the_openmp_policy_alone():
 def test_anisotropy_option_is_gone(tmp_path):
     # Row: "--anisotropy changes nothing" (stitching compares 2D masks; it was only recorded).
     assert main(["segment", str(tmp_path / "s.tif"), "--stitch-3d", "--anisotropy", "2"]) == 2
+
+
+def test_renumbering_plane_offset_ids_is_consecutive_and_safe_to_repeat():
+    from napari_unet.batch_plan import PLANE_STRIDE, renumber_consecutively
+    from napari_unet.segment import offset_ids
+
+    rng = np.random.default_rng(0)
+    local = [rng.integers(0, 4, (8, 8)).astype(np.int32) for _ in range(4)]
+    local[2][:] = 0  # an empty plane
+    store = np.stack([np.where(p > 0, p + i * PLANE_STRIDE, 0) for i, p in enumerate(local)])
+    expected, offset = [], 0
+    for p in local:
+        ids, offset = offset_ids(p, offset)
+        expected.append(ids)
+    keys = [(i,) for i in range(4)]
+    half = store.copy()
+    renumber_consecutively(half, keys[:2])  # a run killed half-way through renumbering
+    renumber_consecutively(half, keys)
+    renumber_consecutively(store, keys)
+    np.testing.assert_array_equal(store, np.stack(expected))
+    np.testing.assert_array_equal(half, np.stack(expected))

@@ -20,10 +20,13 @@ TIFF description, the OME-Zarr label group's attributes), so:
 - each output is locked (a lock file with pid and host) while a run writes it; a lock whose
   process is gone (same host) is stale and taken over.
 
-Instance ids: plane ``i`` stores ``local_id + i * PLANE_STRIDE`` (``PLANE_STRIDE = 2**20``):
-unique across the stack without coordination between tasks, and independent of which worker
-ran a plane or how often the run was resumed. The store is int32 up to 2047 planes and int64
-beyond. :func:`napari_unet.stitch.stitch_planes` (``stitch=...``) renumbers 1..N.
+Instance ids: while planes are segmented, plane ``i`` stores ``local_id + i * PLANE_STRIDE``
+(``PLANE_STRIDE = 2**20``): unique across the stack without coordination between tasks, and
+independent of which worker ran a plane or how often the run was resumed. The store is int32
+up to 2047 planes and int64 beyond. Finalising renumbers them as every entry point numbers
+cells (:func:`napari_unet.segment.offset_ids`): consecutively, plane after plane, so the CLI,
+the widgets and the Python API give the same image the same ids; with ``stitch=...``
+:func:`napari_unet.stitch.stitch_planes` numbers the 3D objects 1..N instead.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import zarr
 from . import atomic, io
 from .model import check_channels
 from .postprocess import PostprocessConfig
-from .segment import check_image, output_shape, plane_indices
+from .segment import check_image, label_key, output_shape, plane_indices
 from .stitch import stitch_planes_iter
 
 __all__ = [
@@ -556,6 +559,26 @@ def done_planes(store: Path) -> set[int]:
 # finalising
 
 
+def renumber_consecutively(store: Any, keys: list[tuple]) -> None:
+    """Plane-offset ids (``local + i * PLANE_STRIDE``) -> consecutive ids in plane order, in
+    place, one plane (label ``keys``) at a time.
+
+    Safe to repeat after an interruption: each plane's ids are a run of ``n`` consecutive
+    values (1..n locally), so its smallest id tells whether it is still plane-offset.
+    """
+    offset = 0
+    for key in keys:
+        labels = np.asarray(store[key])
+        fg = labels > 0
+        if not fg.any():
+            continue
+        low, n = int(labels[fg].min()), int(labels.max()) - int(labels[fg].min()) + 1
+        if low != offset + 1:  # not renumbered yet
+            labels = np.where(fg, labels - (low - 1) + offset, 0).astype(labels.dtype)
+            store[key] = labels
+        offset += n
+
+
 def finalise(plan: Plan, stitch: StitchSettings | None, overwrite: bool):
     """Stitch, then turn the work store into the output; yields after each plane stitched.
 
@@ -579,6 +602,8 @@ def finalise(plan: Plan, stitch: StitchSettings | None, overwrite: bool):
             store.attrs[ATTRS_KEY] = info | {"stitching": todo}
             yield from stitch_planes_iter(store, out=store, **todo)
             info.pop("stitching", None)
+        elif plan.stride:
+            renumber_consecutively(store, [label_key(k, plan.channel_axis) for k in plan.keys])
         done = info | {"complete": True, "record": plan.record}
         if plan.kind == "zarr":
             store.attrs[ATTRS_KEY] = done
