@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"device={args.device}", flush=True)
 
     def train_cfg(**kw: Any) -> TrainConfig:
-        return dataclasses.replace(TrainConfig(), steps=10**9, snapshot_every=1,
+        return dataclasses.replace(TrainConfig(), steps=10**6, snapshot_every=1,
                                    device=args.device, seed=args.seed, **kw)
 
     splits, curves, rf_rows, pre_rows = [], [], [], []
