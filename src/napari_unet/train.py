@@ -37,6 +37,9 @@ class TrainingPair:
     annotation: np.ndarray
     complete: np.ndarray | None = None  # bool (H, W): unpainted pixels here are background
     name: str = "image"
+    # bool (H, W): pixels the user corrected (correct.Edit.changed); their loss weight is
+    # multiplied by TrainConfig.edited_weight, above the untouched predictions.
+    edited: np.ndarray | None = None
 
 
 @dataclass
@@ -77,6 +80,9 @@ class TrainConfig:
     keep_prior: float = param(1.0, min=0, max=100, advanced=True,
                               help="weight of the pull towards the starting model's "
                               "predictions on unannotated pixels (0 = off)")
+    edited_weight: float = param(3.0, min=0, max=100, advanced=True,
+                                 help="loss weight of the objects you corrected, relative to "
+                                 "predictions you left as they were")
 
     def __post_init__(self) -> None:
         check(self)
@@ -137,6 +143,7 @@ def prepare_pairs(
     percentiles: tuple[float, float],
     w0: float,
     sigma: float,
+    edited_weight: float = 1.0,
 ) -> list[_Prepared]:
     """Validate, normalise, build targets and mirror-pad every pair for patch sampling."""
     if not pairs:
@@ -145,11 +152,12 @@ def prepare_pairs(
     for pair in pairs:
         image = _as_chw(pair.image, pair.name)
         check_annotation(pair.annotation, image.shape[1:])
-        if pair.complete is not None and pair.complete.shape != image.shape[1:]:
-            raise ValueError(
-                f"{pair.name}: fully-annotated mask shape {pair.complete.shape} does not match "
-                f"image shape {image.shape[1:]}"
-            )
+        for what, mask in (("fully-annotated", pair.complete), ("edited", pair.edited)):
+            if mask is not None and mask.shape != image.shape[1:]:
+                raise ValueError(
+                    f"{pair.name}: {what} mask shape {mask.shape} does not match image shape "
+                    f"{image.shape[1:]}"
+                )
         if image.shape[0] != in_channels:
             raise ValueError(
                 f"{pair.name}: the model expects {in_channels} channel(s), the image has "
@@ -157,6 +165,8 @@ def prepare_pairs(
             )
         n_cells += int((pair.annotation >= FIRST_CELL).any())
         target, weight = make_targets(pair.annotation, pair.complete, w0=w0, sigma=sigma)
+        if pair.edited is not None and edited_weight != 1.0:
+            weight = np.where(np.asarray(pair.edited, bool), weight * edited_weight, weight)
         if not (target != IGNORE_INDEX).any():
             continue
         norm = normalize(image, percentiles)
@@ -182,10 +192,12 @@ def pairs_from_arrays(
     channel_axis: int | None = None,
     complete: np.ndarray | None = None,
     name: str = "image",
+    edited: np.ndarray | None = None,
 ) -> list[TrainingPair]:
     """Split an N-D image + annotation into the 2D planes that carry any annotation.
 
-    ``complete`` (same shape as the annotation, bool) marks fully annotated pixels.
+    ``complete`` and ``edited`` (same shape as the annotation, bool) mark fully annotated
+    and user-corrected pixels.
     """
     from .segment import check_image, label_key, output_shape, plane_indices, read_plane
 
@@ -209,7 +221,8 @@ def pairs_from_arrays(
             continue
         plane = read_plane(image, key, channel_axis)
         where = [k for k in out_key if isinstance(k, int)]
-        pairs.append(TrainingPair(plane, ann, done, f"{name}{where}" if where else name))
+        fixed = None if edited is None else np.asarray(edited[out_key], bool)
+        pairs.append(TrainingPair(plane, ann, done, f"{name}{where}" if where else name, fixed))
     return pairs
 
 
@@ -257,7 +270,8 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         margin = config.augment.margin
         data = prepare_pairs(pairs, model.config.in_channels, config.tile + 2 * margin, margin,
-                             model.config.norm_percentiles, config.w0, config.sigma)
+                             model.config.norm_percentiles, config.w0, config.sigma,
+                             config.edited_weight)
         self.sampler = PatchSampler(data, config.tile + 2 * margin, self.rng)
         self.net = to_device(copy.deepcopy(model), self.device)
         self.prior = to_device(copy.deepcopy(model), self.device).eval() \
