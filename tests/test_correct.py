@@ -151,3 +151,22 @@ def test_edited_objects_weigh_more_in_training():
     assert (target == weighted[0].target).all()
     with pytest.raises(ValueError, match="edited mask shape"):
         prepare_pairs([TrainingPair(image, ann, edited=edited[:5])], 1, 64, 8, (1, 99.8), 10, 5)
+
+
+def test_cli_annotate_from_labels(tmp_path, capsys):
+    import tifffile
+
+    from napari_unet.cli import main
+
+    lab = _labels()
+    src, out, done = tmp_path / "labels.tif", tmp_path / "ann.tif", tmp_path / "done.tif"
+    tifffile.imwrite(src, lab)
+    assert main(["annotate-from-labels", str(src), "-o", str(out), "--rect", "0", "0", "12",
+                 "12", "--complete-out", str(done)]) == 0
+    ann, complete = labels_to_annotation(lab, rectangles_to_mask(lab.shape, [(0, 0, 12, 12)]))
+    assert (tifffile.imread(out) == ann).all()
+    assert (tifffile.imread(done).astype(bool) == complete).all()
+    assert "1 cell(s)" in capsys.readouterr().out
+    # Never overwrites without being asked.
+    assert main(["annotate-from-labels", str(src), "-o", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Command line: ``napari-unet segment | train | evaluate | demo``.
+"""Command line: ``napari-unet segment | train | annotate-from-labels | evaluate | demo``.
 
 Every command calls the same engine functions as the napari widgets.
 """
@@ -195,6 +195,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_annotate_from_labels(args: argparse.Namespace) -> int:
+    from .correct import labels_to_annotation, rectangles_to_mask
+
+    labels = np.asarray(io.read_image(args.labels))
+    base = None if args.add_to is None else np.asarray(io.read_image(args.add_to))
+    region = rectangles_to_mask(labels.shape, args.rect) if args.rect else None
+    plane = tuple(args.plane) if args.plane is not None else None
+    ann, complete = labels_to_annotation(labels, region, plane=plane, base=base)
+    io.write_labels(args.output, ann, overwrite=args.overwrite)
+    if args.complete_out is not None:
+        io.write_labels(args.complete_out, complete.astype(np.uint8), overwrite=args.overwrite)
+    n = len(np.unique(ann[complete & (ann >= 2)]))
+    print(f"wrote {args.output}: {n} cell(s), {int(complete.sum())} px fully annotated; "
+          "correct it in napari, then: napari-unet train --labels " + str(args.output))
+    return 0
+
+
 def _has_display() -> bool:
     if sys.platform in ("darwin", "win32"):
         return True
@@ -290,6 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "annotate-from-labels", help="turn a segmentation into an annotation to correct",
+        description="Labels (0 background, 1..N cells) -> annotation (0 not annotated, "
+        "1 background, >= 2 cells) inside the whole image, one plane or rectangles.")
+    p.add_argument("labels", type=Path, help="label image, e.g. the output of segment")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="annotation file (.tif or .zarr)")
+    p.add_argument("--plane", type=int, nargs="+", default=None,
+                   help="convert only this plane of a stack (indices of the leading axes)")
+    p.add_argument("--rect", type=float, nargs=4, action="append", default=None,
+                   metavar=("Y0", "X0", "Y1", "X1"),
+                   help="convert only inside this rectangle (repeat for several); cells it "
+                   "cuts are taken whole")
+    p.add_argument("--add-to", type=Path, default=None,
+                   help="an existing annotation: its painted pixels are kept")
+    p.add_argument("--complete-out", type=Path, default=None,
+                   help="also write the fully annotated region as a 0/1 mask")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_annotate_from_labels)
 
     p = sub.add_parser("evaluate", help="pixel IoU, instance AP@IoU and F1 against ground truth")
     p.add_argument("--pred", nargs="+", type=Path, required=True)
