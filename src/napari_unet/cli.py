@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import io
+from . import io, params
 from .augment import AugmentConfig
 from .device import select_device
 from .distributed import BatchError, Job, StitchSettings, local_client, segment_batch
@@ -160,19 +160,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.from_scratch, steps=args.steps, lr=args.lr, batch_size=args.batch, tile=args.tile,
         augment=AugmentConfig(elastic_alpha=0 if args.no_elastic else args.elastic),
         device=args.device, seed=args.seed, **prior,
+        **{k: getattr(args, k) for k in ("val_share", "validate_every", "edited_weight")},
     )
     trainer = Trainer(base, pairs, config)
-    print(f"training on {len(pairs)} annotated plane(s), device {trainer.device}")
+    print(f"training on {len(pairs)} annotated plane(s), device {trainer.device}; "
+          f"{trainer.validation_note}")
     try:
         model = _run_with_bar(trainer.run(), config.steps, "train", unit="step")
     except KeyboardInterrupt:
         print("interrupted: saving the last good model")
-        model = trainer.model
+        model = trainer.selected
+    if trainer.history:
+        print(trainer.message)
     model.config.provenance = {
         "base_model": "scratch" if args.from_scratch else str(args.base_model or "bundled"),
         "images": [str(p) for p in args.images], "labels": [str(p) for p in args.labels],
         "steps": trainer.step, "final_loss": trainer.losses[-1] if trainer.losses else None,
         "date": time.strftime("%Y-%m-%d"),
+        "validation": [vars(s) for s in trainer.history] or None,
     }
     save_model(model, args.output, overwrite=args.overwrite)
     print(f"saved {args.output} after {trainer.step} steps")
@@ -306,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-axis", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    params.add_arguments(p, TrainConfig, only=("val_share", "validate_every", "edited_weight"))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

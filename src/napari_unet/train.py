@@ -27,6 +27,7 @@ from .model import UNet, check_channels, save_model
 from .normalize import normalize
 from .params import check, param
 from .targets import FIRST_CELL, IGNORE_INDEX, check_annotation, check_label_dtype, make_targets
+from .validation import ValidationScore, Validator, split_validation, summary
 
 
 @dataclass
@@ -40,6 +41,9 @@ class TrainingPair:
     # bool (H, W): pixels the user corrected (correct.Edit.changed); their loss weight is
     # multiplied by TrainConfig.edited_weight, above the untouched predictions.
     edited: np.ndarray | None = None
+    # bool (H, W): regions the user marked for validation only (e.g. drawn rectangles);
+    # when any pair has one, they replace the automatic hold-out (TrainConfig.val_share).
+    validation: np.ndarray | None = None
 
 
 @dataclass
@@ -83,6 +87,13 @@ class TrainConfig:
     edited_weight: float = param(3.0, min=0, max=100, advanced=True,
                                  help="loss weight of the objects you corrected, relative to "
                                  "predictions you left as they were")
+    # Scoring snapshots on held-out cells lets training keep the best one, and return the
+    # starting model when fine-tuning made things worse.
+    val_share: float = param(0.25, min=0, max=0.9, label="validation share",
+                             help="share of the painted cells held out to score the starting "
+                             "model and the snapshots (0 = off; needs at least 8 cells)")
+    validate_every: int = param(25, min=1, advanced=True,
+                                help="steps between validation scores")
 
     def __post_init__(self) -> None:
         check(self)
@@ -94,6 +105,7 @@ def train_config(from_scratch: bool = False, **kwargs: Any) -> TrainConfig:
     if from_scratch:
         kwargs.setdefault("freeze_norm", False)
         kwargs.setdefault("keep_prior", 0.0)
+        kwargs.setdefault("val_share", 0.0)
     return TrainConfig(**kwargs)
 
 
@@ -108,6 +120,10 @@ class TrainProgress:
     elapsed: float
     steps_per_s: float
     preview: np.ndarray | None = None
+    validation: ValidationScore | None = None  # scored at this step
+    reference: ValidationScore | None = None  # the starting model's score (a reference line)
+    best_step: int | None = None  # the snapshot training would return now (0 = the start)
+    message: str | None = None  # the closing sentence, on the last step
 
     @property
     def eta(self) -> float:
@@ -269,7 +285,10 @@ class Trainer:
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         margin = config.augment.margin
-        data = prepare_pairs(pairs, model.config.in_channels, config.tile + 2 * margin, margin,
+        # Validation pixels leave the training annotation before targets are built.
+        train_pairs, held, self.validation_note = split_validation(pairs, config.val_share,
+                                                                   config.seed)
+        data = prepare_pairs(train_pairs, model.config.in_channels, config.tile + 2 * margin, margin,
                              model.config.norm_percentiles, config.w0, config.sigma,
                              config.edited_weight)
         self.sampler = PatchSampler(data, config.tile + 2 * margin, self.rng)
@@ -279,6 +298,12 @@ class Trainer:
         self.model: UNet = copy.deepcopy(model).cpu().eval()  # last good weights
         self.step = 0
         self.losses: list[float] = []
+        self.validator = Validator.from_pairs(pairs, held, model.config.norm_percentiles,
+                                              self.device) if held else None
+        self.history: list[ValidationScore] = []  # [0]: the starting model
+        self.best: UNet = copy.deepcopy(model).cpu().eval()  # what run() returns
+        self.best_score: ValidationScore | None = None
+        self.message = self.validation_note
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr,
                                            weight_decay=1e-5)
 
@@ -289,7 +314,24 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         if self.config.checkpoint_path:
-            save_model(self.model, Path(self.config.checkpoint_path), overwrite=True)
+            save_model(self.selected, Path(self.config.checkpoint_path), overwrite=True)
+
+    @property
+    def selected(self) -> UNet:
+        """The model training hands back: the best by validation, else the last good one."""
+        return self.best if self.validator is not None else self.model
+
+    def _validate(self) -> ValidationScore:
+        """Score the last good snapshot; keep it when it beats the best so far."""
+        assert self.validator is not None
+        score = self.validator.score(self.model, self.step)
+        self.history.append(score)
+        if self.best_score is None or score.beats(self.best_score):
+            self.best_score = score
+            if self.step > 0:
+                self.best.load_state_dict(self.model.state_dict())
+        self.message = summary(self.history, self.best_score, self.validator.n_cells)
+        return score
 
     def train_step(self) -> float:
         """One optimisation step on a freshly sampled, augmented batch; returns the loss."""
@@ -327,7 +369,12 @@ class Trainer:
         preview: Callable[[UNet], np.ndarray] | None = None,
         preview_every_s: float = 3.0,
     ) -> Generator[TrainProgress, None, UNet]:
-        """Train for the configured steps; yields progress, returns the last good model.
+        """Train for the configured steps; yields progress, returns the selected model.
+
+        With validation (:mod:`validation`) the starting model is scored first, then the
+        snapshot every ``validate_every`` steps and at the end; the best one is returned (the
+        starting model when none beats it) and ``self.message`` says so in one sentence.
+        Without it the last good model is returned.
 
         ``preview``, if given, is called with the last good model every ``preview_every_s``
         seconds and its result travels in ``TrainProgress.preview``.
@@ -335,6 +382,8 @@ class Trainer:
         c = self.config
         start = time.perf_counter()
         last_preview = -math.inf
+        if self.validator is not None and not self.history:
+            self._validate()  # the reference: the starting model, step 0
         try:
             while self.step < c.steps:
                 if cancel is not None and cancel():
@@ -347,24 +396,34 @@ class Trainer:
                     )
                 self.step += 1
                 self.losses.append(loss)
-                if self.step % c.snapshot_every == 0 or self.step == c.steps:
+                validate = self.validator is not None and (
+                    self.step % c.validate_every == 0 or self.step == c.steps)
+                if validate or self.step % c.snapshot_every == 0 or self.step == c.steps:
                     self._snapshot()
+                score = self._validate() if validate else None
                 if c.checkpoint_path and self.step % c.checkpoint_every == 0:
                     self._checkpoint()
                 elapsed = time.perf_counter() - start
                 progress = TrainProgress(self.step, c.steps, loss,
                                          float(np.mean(self.losses[-20:])), elapsed,
                                          self.step / elapsed)
+                if self.validator is not None:
+                    progress.validation, progress.reference = score, self.history[0]
+                    progress.best_step = self.best_score.step
+                if self.step == c.steps:
+                    progress.message = self.message
                 if preview is not None and elapsed - last_preview >= preview_every_s:
                     last_preview = elapsed
                     progress.preview = preview(self.model)
                 yield progress
             # Stopped or finished with a finite last loss: the current weights are good.
             self._snapshot()
+            if self.validator is not None and self.history[-1].step != self.step:
+                self._validate()  # stopped between scores: the last weights get their say
         finally:
             # Also on cancel or error: keep what the last good snapshot holds on disk.
             self._checkpoint()
-        return self.model
+        return self.selected
 
 
 def train(
