@@ -209,11 +209,12 @@ def pairs_from_arrays(
     complete: np.ndarray | None = None,
     name: str = "image",
     edited: np.ndarray | None = None,
+    validation: np.ndarray | None = None,
 ) -> list[TrainingPair]:
     """Split an N-D image + annotation into the 2D planes that carry any annotation.
 
-    ``complete`` and ``edited`` (same shape as the annotation, bool) mark fully annotated
-    and user-corrected pixels.
+    ``complete``, ``edited`` and ``validation`` (same shape as the annotation, bool) mark
+    fully annotated, user-corrected and validation-only pixels.
     """
     from .segment import check_image, label_key, output_shape, plane_indices, read_plane
 
@@ -237,8 +238,10 @@ def pairs_from_arrays(
             continue
         plane = read_plane(image, key, channel_axis)
         where = [k for k in out_key if isinstance(k, int)]
-        fixed = None if edited is None else np.asarray(edited[out_key], bool)
-        pairs.append(TrainingPair(plane, ann, done, f"{name}{where}" if where else name, fixed))
+        fixed, val = (None if m is None else np.asarray(m[out_key], bool)
+                      for m in (edited, validation))
+        pairs.append(TrainingPair(plane, ann, done, f"{name}{where}" if where else name, fixed,
+                                  val))
     return pairs
 
 
@@ -288,8 +291,8 @@ class Trainer:
         # Validation pixels leave the training annotation before targets are built.
         train_pairs, held, self.validation_note = split_validation(pairs, config.val_share,
                                                                    config.seed)
-        data = prepare_pairs(train_pairs, model.config.in_channels, config.tile + 2 * margin, margin,
-                             model.config.norm_percentiles, config.w0, config.sigma,
+        data = prepare_pairs(train_pairs, model.config.in_channels, config.tile + 2 * margin,
+                             margin, model.config.norm_percentiles, config.w0, config.sigma,
                              config.edited_weight)
         self.sampler = PatchSampler(data, config.tile + 2 * margin, self.rng)
         self.net = to_device(copy.deepcopy(model), self.device)
