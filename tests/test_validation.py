@@ -165,3 +165,15 @@ def test_real_validation_run_and_summary_without_snapshots():
     trainer = Trainer(_small_model(), [pair], _config(steps=2, val_share=0))
     list(trainer.run())
     assert trainer.validator is None and trainer.selected is trainer.model
+
+
+def test_corrected_and_untouched_cells_are_held_out_alike():
+    pair, _ = _pair(16)
+    ann = pair.annotation
+    cells = np.unique(ann[ann >= FIRST_CELL])
+    edited = np.isin(ann, cells[:8])
+    _, held, note = split_validation([TrainingPair(pair.image, ann, edited=edited)], 0.25)
+    (_, mask), = held
+    out = np.unique(ann[mask & (ann >= FIRST_CELL)])
+    assert len(np.intersect1d(out, cells[:8])) == 2 and len(np.setdiff1d(out, cells[:8])) == 2
+    assert "4 of 16" in note and "2 of them corrected by you" in note

@@ -102,16 +102,28 @@ def split_validation(
             raise ValueError("the validation regions hold no painted cell: mark regions "
                              "with cells, or leave them out to hold out cells automatically")
     else:
-        cells = [(i, int(c)) for i, p in enumerate(pairs) for c in _cells(np.asarray(p.annotation))]
-        n_held = int(round(share * len(cells)))
         if share <= 0:
             return list(pairs), [], "validation off"
-        if n_held < MIN_VAL_CELLS or len(cells) - n_held < MIN_TRAIN_CELLS:
-            need = max(int(np.ceil(MIN_VAL_CELLS / share)), MIN_VAL_CELLS + MIN_TRAIN_CELLS)
-            return list(pairs), [], (f"validation off: {len(cells)} painted cell(s) are too "
-                                     f"few to hold some out (paint at least {need})")
+        # Cells the user corrected and cells left as predicted are held out in the same
+        # share: after "correct from segmentation" the untouched cells are the starting
+        # model's own output (it scores perfectly there), the corrected ones are where it
+        # was wrong. Validation then asks: better on corrections, no worse elsewhere.
+        strata: dict[bool, list[tuple[int, int]]] = {False: [], True: []}
+        for i, p in enumerate(pairs):
+            ann = np.asarray(p.annotation)
+            touched = set() if p.edited is None else set(
+                _cells(ann[np.asarray(p.edited, bool)]).tolist())
+            for c in _cells(ann).tolist():
+                strata[c in touched].append((i, c))
+        n_cells = sum(len(v) for v in strata.values())
         rng = np.random.default_rng(seed)
-        chosen = [cells[j] for j in rng.permutation(len(cells))[:n_held]]
+        chosen = [cells[j] for cells in strata.values()
+                  for j in rng.permutation(len(cells))[:int(round(share * len(cells)))]]
+        n_held = len(chosen)
+        if n_held < MIN_VAL_CELLS or n_cells - n_held < MIN_TRAIN_CELLS:
+            need = max(int(np.ceil(MIN_VAL_CELLS / share)), MIN_VAL_CELLS + MIN_TRAIN_CELLS)
+            return list(pairs), [], (f"validation off: {n_cells} painted cell(s) are too "
+                                     f"few to hold some out (paint at least {need})")
         for i, p in enumerate(pairs):
             ids = [c for k, c in chosen if k == i]
             if not ids:
@@ -123,8 +135,10 @@ def split_validation(
                 background |= np.asarray(p.complete, bool) & (ann == UNLABELED)
             grown = ndi.binary_dilation(held, np.ones((3, 3), bool), iterations=RING)
             held_masks[i] = held | (grown & background)
-        note = (f"holding out {n_held} of {len(cells)} painted cells (with the background "
-                "around them) to score each snapshot")
+        n_edited = sum(1 for i, c in chosen if (i, c) in set(strata[True]))
+        note = (f"holding out {n_held} of {n_cells} painted cells (with the background "
+                "around them) to score each snapshot"
+                + (f"; {n_edited} of them corrected by you" if strata[True] else ""))
     train_pairs, held = [], []
     for i, (p, m) in enumerate(zip(pairs, held_masks, strict=True)):
         if m is None or not m.any():
