@@ -177,3 +177,24 @@ def test_corrected_and_untouched_cells_are_held_out_alike():
     out = np.unique(ann[mask & (ann >= FIRST_CELL)])
     assert len(np.intersect1d(out, cells[:8])) == 2 and len(np.setdiff1d(out, cells[:8])) == 2
     assert "4 of 16" in note and "2 of them corrected by you" in note
+
+
+def test_cli_train_validates_and_records_it(tmp_path, capsys):
+    import tifffile
+
+    from napari_unet.cli import main
+    from napari_unet.model import load_model, save_model
+
+    pair, _ = _pair(12)
+    base, out = tmp_path / "base.safetensors", tmp_path / "out.safetensors"
+    save_model(_small_model(), base)
+    tifffile.imwrite(tmp_path / "img.tif", pair.image)
+    tifffile.imwrite(tmp_path / "ann.tif", pair.annotation)
+    assert main(["train", "--images", str(tmp_path / "img.tif"), "--labels",
+                 str(tmp_path / "ann.tif"), "-o", str(out), "--base-model", str(base),
+                 "--steps", "4", "--validate-every", "2", "--batch", "2", "--tile", "64",
+                 "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "holding out 3 of 12" in text and "validation AP" in text
+    history = load_model(out).config.provenance["validation"]
+    assert [h["step"] for h in history] == [0, 2, 4]
