@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if method == "scratch":
                     torch.manual_seed(args.seed)
                     model = UNet(ModelConfig())
-                    cfg = train_cfg(freeze_norm=False, keep_prior=0.0, lr=args.scratch_lr)
+                    cfg = train_cfg(freeze_norm=False, keep_prior=0.0, val_share=0.0,
+                                    lr=args.scratch_lr)
                 else:
                     model, cfg = bundled, train_cfg()
                 res = run_budgeted(model, pairs, cfg, budgets, evaluate)
