@@ -7,6 +7,8 @@ pixel IoU, mean over images) on other images of the set:
 
 - ``pretrained``: the bundled model, no training;
 - ``fine-tune``: the bundled model fine-tuned (default ``TrainConfig``) on the sparse labels;
+  with 8 or more cells a quarter is held out for validation and the model scored is the one
+  training returns (best snapshot by validation, or the bundled model when none beats it);
 - ``scratch``: ``UNet(ModelConfig())`` trained on the same labels, ``freeze_norm=False``,
   ``lr=2e-3``;
 - ``rf-cc`` / ``rf-ws``: scikit-image's trainable segmentation (the ilastik-style peer):
@@ -29,6 +31,7 @@ Evaluation is capped (``--eval-images`` images, centre crops of ``--eval-crop``)
 run time sane.
 
     python benchmarks/bench_fewlabels.py [--quick | --smoke | --full] [--datasets ...]
+    python benchmarks/bench_fewlabels.py --goal --methods pretrained fine-tune --threads 2
 """
 
 from __future__ import annotations
