@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-crop", type=int, default=None, help="centre crop of eval images")
     p.add_argument("--rf-trees", type=int, default=50)
     p.add_argument("--scratch-lr", type=float, default=2e-3)
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="TrainConfig overrides for fine-tune and all-labels, to compare "
+                   "recipes, e.g. --set val_share=0 keep_prior=1")
     p.add_argument("--goal", action="store_true",
                    help="issue 11's setting: k = 5 and 20 and a 120 s budget (unless given), "
                    "then check it: on sets where the pretrained AP < 0.85 fine-tuning on 20 "
@@ -266,9 +269,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"eval={n_eval} images <= {crop}^2 threads={torch.get_num_threads()} "
           f"device={args.device}", flush=True)
 
+    overrides = _overrides(args.set)
+
     def train_cfg(**kw: Any) -> TrainConfig:
         return dataclasses.replace(TrainConfig(), steps=10**6, snapshot_every=1,
-                                   device=args.device, seed=args.seed, **kw)
+                                   device=args.device, seed=args.seed, **(overrides | kw))
 
     splits, curves, rf_rows, pre_rows = [], [], [], []
     with NoiseMonitor() as noise:
@@ -363,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "noise": noise.summary(),
         "config": {"datasets": datasets, "k": ks, "budgets_s": budgets, "eval_images": n_eval,
                    "eval_crop": crop, "rf_trees": trees, "scratch_lr": args.scratch_lr,
-                   "methods": sorted(methods),
+                   "methods": sorted(methods), "overrides": overrides,
                    "annotation": "k whole cells + background ring 2-5 px outside each + 5 "
                                  "background strokes of 40 px (3 px wide)",
                    "train_config": {k: v for k, v in dataclasses.asdict(train_cfg()).items()
@@ -377,6 +382,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     write_json(out_path(args, NAME), payload)
     return payload
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` strings -> TrainConfig keyword arguments, typed like the defaults."""
+    defaults, out = TrainConfig(), {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(defaults, key):
+            raise SystemExit(f"--set {item}: expected FIELD=VALUE with a TrainConfig field")
+        kind = type(getattr(defaults, key))
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
 
 
 def time_to_first_score(device: str) -> dict[str, Any]:
