@@ -198,3 +198,10 @@ def test_cli_train_validates_and_records_it(tmp_path, capsys):
     assert "holding out 3 of 12" in text and "validation AP" in text
     history = load_model(out).config.provenance["validation"]
     assert [h["step"] for h in history] == [0, 2, 4]
+
+
+def test_summary_names_the_pixel_iou_when_the_ap_ties():
+    ref, best = ValidationScore(0, 1.0, 0.95, 0.1), ValidationScore(50, 1.0, 0.99, 0.1)
+    assert summary([ref, best], best, 5) == ("validation AP 1.00 → 1.00 (+0.00), pixel IoU "
+                                             "0.950 → 0.990 on 5 held-out cell(s); keeping "
+                                             "step 50")

@@ -242,5 +242,7 @@ def summary(history: Sequence[ValidationScore], best: ValidationScore, n_cells: 
         return (f"validation AP {reference.ap:.2f} → {top.ap:.2f} at best (step {top.step}) "
                 f"on {n_cells} held-out cell(s): fine-tuning did not beat the starting "
                 "model; keeping the starting model")
-    return (f"validation AP {reference.ap:.2f} → {best.ap:.2f} ({best.ap - reference.ap:+.2f}) "
-            f"on {n_cells} held-out cell(s); keeping step {best.step}")
+    iou = (f", pixel IoU {reference.pixel_iou:.3f} → {best.pixel_iou:.3f}"
+           if abs(best.ap - reference.ap) <= 1e-9 else "")  # the IoU decided it
+    return (f"validation AP {reference.ap:.2f} → {best.ap:.2f} ({best.ap - reference.ap:+.2f})"
+            f"{iou} on {n_cells} held-out cell(s); keeping step {best.step}")
