@@ -32,11 +32,11 @@ if TYPE_CHECKING:
     from .model import UNet
     from .train import TrainingPair
 
-# Fewer held-out cells than this give an AP too coarse to choose snapshots by (one cell
-# more or less moves it by > 0.3), so validation is off below it.
-MIN_VAL_CELLS = 2
-# ...and training keeps at least this many cells.
-MIN_TRAIN_CELLS = 3
+# Fewer painted cells than this leave too few to train on and an AP too coarse to choose
+# snapshots by (one cell more or less moves it by > 0.3): validation is off below it.
+MIN_CELLS = 8
+MIN_VAL_CELLS = 2  # held out at the least
+MIN_TRAIN_CELLS = 3  # kept for training at the least
 RING = 6  # px of painted background around a held-out cell that go with it
 CONTEXT = 32  # px of image around held-out pixels fed to the model (its receptive field)
 
@@ -117,13 +117,17 @@ def split_validation(
                 strata[c in touched].append((i, c))
         n_cells = sum(len(v) for v in strata.values())
         rng = np.random.default_rng(seed)
+        if n_cells < MIN_CELLS:
+            return list(pairs), [], (f"validation off: {n_cells} painted cell(s) are too "
+                                     f"few to hold some out (paint at least {MIN_CELLS})")
         chosen = [cells[j] for cells in strata.values()
                   for j in rng.permutation(len(cells))[:int(round(share * len(cells)))]]
+        # Rounding per stratum may leave fewer than the minimum: top up from the rest.
+        rest = [c for cells in strata.values() for c in cells if c not in chosen]
+        for j in rng.permutation(len(rest))[:max(MIN_VAL_CELLS - len(chosen), 0)]:
+            chosen.append(rest[j])
+        chosen = chosen[:n_cells - MIN_TRAIN_CELLS]
         n_held = len(chosen)
-        if n_held < MIN_VAL_CELLS or n_cells - n_held < MIN_TRAIN_CELLS:
-            need = max(int(np.ceil(MIN_VAL_CELLS / share)), MIN_VAL_CELLS + MIN_TRAIN_CELLS)
-            return list(pairs), [], (f"validation off: {n_cells} painted cell(s) are too "
-                                     f"few to hold some out (paint at least {need})")
         for i, p in enumerate(pairs):
             ids = [c for k, c in chosen if k == i]
             if not ids:
