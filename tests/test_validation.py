@@ -205,3 +205,26 @@ def test_summary_names_the_pixel_iou_when_the_ap_ties():
     assert summary([ref, best], best, 5) == ("validation AP 1.00 → 1.00 (+0.00), pixel IoU "
                                              "0.950 → 0.990 on 5 held-out cell(s); keeping "
                                              "step 50")
+
+
+def test_deleted_objects_are_held_out_too_and_count_as_false_positives():
+    from napari_unet.correct import delete_object
+
+    pair, labels = _pair(12)
+    ann, edited = pair.annotation, np.zeros(pair.annotation.shape, bool)
+    spots = []
+    for y, x in ((30, 130), (80, 130), (130, 130), (130, 80)):  # four false positives
+        ann = ann.copy()
+        ann[y - 4 : y + 4, x - 4 : x + 4] = 99
+        edit = delete_object(ann, (y, x))
+        ann, edited = edit.annotation, edited | edit.changed
+        spots.append((y, x))
+    train, held, note = split_validation([TrainingPair(pair.image, ann, edited=edited)], 0.5)
+    assert "2 deleted object(s)" in note
+    (_, mask), = held
+    assert sum(bool(mask[y, x]) for y, x in spots) == 2
+    # A model predicting a held-out deleted object gets a false positive there.
+    pred = np.zeros(ann.shape, np.int32)
+    y, x = next((y, x) for y, x in spots if mask[y, x])
+    pred[y - 4 : y + 4, x - 4 : x + 4] = 1
+    assert _objects_on(pred, mask).max() == 1

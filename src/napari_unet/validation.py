@@ -127,22 +127,30 @@ def split_validation(
         for j in rng.permutation(len(rest))[:max(MIN_VAL_CELLS - len(chosen), 0)]:
             chosen.append(rest[j])
         chosen = chosen[:n_cells - MIN_TRAIN_CELLS]
-        n_held = len(chosen)
+        n_held, n_deleted = len(chosen), 0
         for i, p in enumerate(pairs):
             ids = [c for k, c in chosen if k == i]
-            if not ids:
-                continue
             ann = np.asarray(p.annotation)
             held = np.isin(ann, ids)
             background = ann == BACKGROUND
             if p.complete is not None:
                 background |= np.asarray(p.complete, bool) & (ann == UNLABELED)
             grown = ndi.binary_dilation(held, np.ones((3, 3), bool), iterations=RING)
-            held_masks[i] = held | (grown & background)
+            mask = held | (grown & background)
+            if p.edited is not None:
+                # Deleted objects (background the user painted over a false positive) are
+                # held out in the same share: a snapshot that predicts them again loses AP.
+                gone, n = ndi.label(np.asarray(p.edited, bool) & (ann == BACKGROUND))
+                pick = rng.permutation(n)[:int(round(share * n))] + 1
+                mask |= np.isin(gone, pick)
+                n_deleted += len(pick)
+            if mask.any():
+                held_masks[i] = mask
         n_edited = sum(1 for i, c in chosen if (i, c) in set(strata[True]))
         note = (f"holding out {n_held} of {n_cells} painted cells (with the background "
                 "around them) to score each snapshot"
-                + (f"; {n_edited} of them corrected by you" if strata[True] else ""))
+                + (f"; {n_edited} of them corrected by you" if strata[True] else "")
+                + (f"; and {n_deleted} deleted object(s)" if n_deleted else ""))
     train_pairs, held = [], []
     for i, (p, m) in enumerate(zip(pairs, held_masks, strict=True)):
         if m is None or not m.any():
