@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _config(args: argparse.Namespace, augment: AugmentConfig) -> TrainConfig:
     base = TrainConfig()
-    return dataclasses.replace(base, steps=10**9, augment=augment, device=args.device,
+    return dataclasses.replace(base, steps=10**6, augment=augment, device=args.device,
                                tile=args.tile or base.tile,
                                batch_size=args.batch_size or base.batch_size, seed=args.seed)
 

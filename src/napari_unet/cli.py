@@ -1,4 +1,5 @@
-"""Command line: ``napari-unet segment | train | export | evaluate | demo``.
+"""Command line: ``napari-unet segment | train | annotate-from-labels | export | evaluate |
+demo``.
 
 Every command calls the same engine functions as the napari widgets.
 """
@@ -342,14 +343,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = UNet() if args.from_scratch else load_model(args.base_model)
     pairs = _training_pairs(args)
     trainer = Trainer(base, pairs, config)
-    trainer.model.config.provenance = provenance = {
+    provenance = {
         "base_model": "scratch" if args.from_scratch else str(args.base_model or "bundled"),
         "images": [str(p) for p in args.images], "labels": [str(p) for p in args.labels],
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(f"training on {len(pairs)} annotated plane(s), device {trainer.device}")
+    # Checkpoints written during training (the output itself) carry it too.
+    trainer.model.config.provenance = provenance
+    print(f"training on {len(pairs)} annotated plane(s), device {trainer.device}; "
+          f"{trainer.validation_note}")
     try:
-        _run_with_bar(trainer.run(), config.steps, "train", unit="step")
+        model = _run_with_bar(trainer.run(), config.steps, "train", unit="step")
     except KeyboardInterrupt:
         print(f"interrupted at step {trainer.step}: {_where(trainer, args.output)}",
               file=sys.stderr)
@@ -357,9 +361,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     except FloatingPointError as exc:  # diverged; the message says where the model is
         print(f"napari-unet train: error: {exc}", file=sys.stderr)
         return 2
-    provenance |= {"steps": trainer.step,
-                   "final_loss": trainer.losses[-1] if trainer.losses else None}
-    save_model(trainer.model, args.output, overwrite=True)
+    if trainer.history:
+        print(trainer.message)
+    model.config.provenance = provenance | {
+        "steps": trainer.step,
+        "final_loss": trainer.losses[-1] if trainer.losses else None,
+        "validation": [vars(s) for s in trainer.history] or None,
+    }
+    save_model(model, args.output, overwrite=True)
     print(f"saved {args.output} after {trainer.step} steps")
     return 0
 
@@ -401,6 +410,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({"images": rows, "mean": mean}, indent=2,
                                          default=float))
+    return 0
+
+
+def cmd_annotate_from_labels(args: argparse.Namespace) -> int:
+    from .correct import labels_to_annotation, rectangles_to_mask
+
+    labels = np.asarray(io.read_image(args.labels))
+    base = None if args.add_to is None else np.asarray(io.read_image(args.add_to))
+    region = rectangles_to_mask(labels.shape, args.rect) if args.rect else None
+    plane = tuple(args.plane) if args.plane is not None else None
+    ann, complete = labels_to_annotation(labels, region, plane=plane, base=base)
+    io.write_labels(args.output, ann, overwrite=args.overwrite)
+    if args.complete_out is not None:
+        io.write_labels(args.complete_out, complete.astype(np.uint8), overwrite=args.overwrite)
+    n = len(np.unique(ann[complete & (ann >= 2)]))
+    print(f"wrote {args.output}: {n} cell(s), {int(complete.sum())} px fully annotated; "
+          "correct it in napari, then: napari-unet train --labels " + str(args.output))
     return 0
 
 
@@ -526,6 +552,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-test", action="store_true", help="skip the bioimageio.core test")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "annotate-from-labels", help="turn a segmentation into an annotation to correct",
+        description="Labels (0 background, 1..N cells) -> annotation (0 not annotated, "
+        "1 background, >= 2 cells) inside the whole image, one plane or rectangles.")
+    p.add_argument("labels", type=Path, help="label image, e.g. the output of segment")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="annotation file (.tif or .zarr)")
+    p.add_argument("--plane", type=int, nargs="+", default=None,
+                   help="convert only this plane of a stack (indices of the leading axes)")
+    p.add_argument("--rect", type=float, nargs=4, action="append", default=None,
+                   metavar=("Y0", "X0", "Y1", "X1"),
+                   help="convert only inside this rectangle (repeat for several); cells it "
+                   "cuts are taken whole")
+    p.add_argument("--add-to", type=Path, default=None,
+                   help="an existing annotation: its painted pixels are kept")
+    p.add_argument("--complete-out", type=Path, default=None,
+                   help="also write the fully annotated region as a 0/1 mask")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_annotate_from_labels)
 
     p = sub.add_parser("evaluate", help="pixel IoU, instance AP@IoU and F1 against ground truth")
     p.add_argument("--pred", nargs="+", type=Path, required=True)

@@ -36,7 +36,9 @@ def run_headless_demo(out_dir: Path, steps: int = 150, device: str = "auto") -> 
         if p.step % 25 == 0 or p.step == steps:
             print(f"  step {p.step:4d}/{steps}  loss {p.loss_avg:.4f}  "
                   f"{p.steps_per_s:.1f} steps/s", flush=True)
-    model = trainer.model
+    model = trainer.selected  # the best snapshot by validation, or the bundled model
+    if trainer.history:
+        print(f"  {trainer.message}")
     after = segment(image, model, **vars(infer))
     s1 = evaluate_pair(after, truth)
     print(f"fine-tuned ({time.perf_counter() - t0:.0f} s): {int(after.max()):4d} cells, "

@@ -40,6 +40,7 @@ from .targets import (
     make_targets,
     painted_cells,
 )
+from .validation import ValidationScore, Validator, split_validation, summary
 
 
 @dataclass
@@ -50,6 +51,12 @@ class TrainingPair:
     annotation: np.ndarray
     complete: np.ndarray | None = None  # bool (H, W): unpainted pixels here are background
     name: str = "image"
+    # bool (H, W): pixels the user corrected (correct.Edit.changed); their loss weight is
+    # multiplied by TrainConfig.edited_weight, above the untouched predictions.
+    edited: np.ndarray | None = None
+    # bool (H, W): regions the user marked for validation only (e.g. drawn rectangles);
+    # when any pair has one, they replace the automatic hold-out (TrainConfig.val_share).
+    validation: np.ndarray | None = None
     sample_weight: float = 1.0  # relative share of training patches (e.g. per data set)
 
 
@@ -95,6 +102,16 @@ class TrainConfig:
                                  help="images are sampled in proportion to (annotated pixels)"
                                  " ** this: 1 = every annotated pixel alike, 0 = every image "
                                  "alike")
+    edited_weight: float = param(3.0, min=0, max=100, advanced=True,
+                                 help="loss weight of the objects you corrected, relative to "
+                                 "predictions you left as they were")
+    # Scoring snapshots on held-out cells lets training keep the best one, and return the
+    # starting model when fine-tuning made things worse.
+    val_share: float = param(0.25, min=0, max=0.9, label="validation share",
+                             help="share of the painted cells held out to score the starting "
+                             "model and the snapshots (0 = off; needs at least 8 cells)")
+    validate_every: int = param(25, min=1, advanced=True,
+                                help="steps between validation scores")
 
     def __post_init__(self) -> None:
         check(self)
@@ -106,6 +123,7 @@ def train_config(from_scratch: bool = False, **kwargs: Any) -> TrainConfig:
     if from_scratch:
         kwargs.setdefault("freeze_norm", False)
         kwargs.setdefault("keep_prior", 0.0)
+        kwargs.setdefault("val_share", 0.0)
     return TrainConfig(**kwargs)
 
 
@@ -120,6 +138,10 @@ class TrainProgress:
     elapsed: float
     steps_per_s: float
     preview: np.ndarray | None = None
+    validation: ValidationScore | None = None  # scored at this step
+    reference: ValidationScore | None = None  # the starting model's score (a reference line)
+    best_step: int | None = None  # the snapshot training would return now (0 = the start)
+    message: str | None = None  # the closing sentence, on the last step
 
     @property
     def eta(self) -> float:
@@ -158,6 +180,7 @@ def prepare_pairs(
     w0: float,
     sigma: float,
     distance: bool = False,
+    edited_weight: float = 1.0,
 ) -> list[_Prepared]:
     """Validate, normalise, build targets and mirror-pad every pair for patch sampling."""
     if not pairs:
@@ -167,11 +190,12 @@ def prepare_pairs(
         image = _as_chw(pair.image, pair.name)
         check_image_dtype(image.dtype, f"image {pair.name}")
         check_annotation(pair.annotation, image.shape[1:])
-        if pair.complete is not None and pair.complete.shape != image.shape[1:]:
-            raise ValueError(
-                f"{pair.name}: fully-annotated mask shape {pair.complete.shape} does not match "
-                f"image shape {image.shape[1:]}"
-            )
+        for what, mask in (("fully-annotated", pair.complete), ("edited", pair.edited)):
+            if mask is not None and mask.shape != image.shape[1:]:
+                raise ValueError(
+                    f"{pair.name}: {what} mask shape {mask.shape} does not match image shape "
+                    f"{image.shape[1:]}"
+                )
         if image.shape[0] != in_channels:
             raise ValueError(
                 f"{pair.name}: the model expects {in_channels} channel(s), the image has "
@@ -179,6 +203,8 @@ def prepare_pairs(
             )
         n_cells += int((pair.annotation >= FIRST_CELL).any())
         target, weight = make_targets(pair.annotation, pair.complete, w0=w0, sigma=sigma)
+        if pair.edited is not None and edited_weight != 1.0:
+            weight = np.where(np.asarray(pair.edited, bool), weight * edited_weight, weight)
         if not (target != IGNORE_INDEX).any():
             continue
         dist = distance_target(painted_cells(pair.annotation)) if distance else None
@@ -211,13 +237,16 @@ def pairs_from_arrays(
     rgb: str | None = None,
     rgb_option: str = "rgb={!r}",
     photometric_rgb: bool = False,
+    edited: np.ndarray | None = None,
+    validation: np.ndarray | None = None,
 ) -> list[TrainingPair]:
     """Split an N-D image + annotation into the 2D planes that carry any annotation.
 
-    ``complete`` (same shape as the annotation, bool) marks fully annotated pixels. ``rgb``:
-    how a colour image is read (see :func:`napari_unet.normalize.resolve_rgb`; None refuses
-    one with a message naming the choices, spelled as ``rgb_option``; ``photometric_rgb``:
-    the file says it is a colour image).
+    ``complete``, ``edited`` and ``validation`` (same shape as the annotation, bool) mark
+    fully annotated, user-corrected and validation-only pixels. ``rgb``: how a colour image
+    is read (see :func:`napari_unet.normalize.resolve_rgb`; None refuses one with a message
+    naming the choices, spelled as ``rgb_option``; ``photometric_rgb``: the file says it is a
+    colour image).
     """
     from .segment import check_image, label_key, output_shape, plane_indices, read_plane
 
@@ -244,7 +273,10 @@ def pairs_from_arrays(
             continue
         plane = read_plane(image, key, channel_axis)
         where = [k for k in out_key if isinstance(k, int)]
-        pairs.append(TrainingPair(plane, ann, done, f"{name}{where}" if where else name))
+        fixed, val = (None if m is None else np.asarray(m[out_key], bool)
+                      for m in (edited, validation))
+        pairs.append(TrainingPair(plane, ann, done, f"{name}{where}" if where else name,
+                                  edited=fixed, validation=val))
     return pairs
 
 
@@ -301,9 +333,13 @@ class Trainer:
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         margin = config.augment.margin
-        data = prepare_pairs(pairs, model.config.in_channels, config.tile + 2 * margin, margin,
-                             model.config.norm_percentiles, config.w0, config.sigma,
-                             distance=model.config.distance)
+        # Validation pixels leave the training annotation before targets are built.
+        train_pairs, held, self.validation_note = split_validation(pairs, config.val_share,
+                                                                   config.seed)
+        data = prepare_pairs(train_pairs, model.config.in_channels, config.tile + 2 * margin,
+                             margin, model.config.norm_percentiles, config.w0, config.sigma,
+                             distance=model.config.distance,
+                             edited_weight=config.edited_weight)
         self.sampler = PatchSampler(data, config.tile + 2 * margin, self.rng,
                                     config.image_balance)
         self.net = to_device(copy.deepcopy(model), self.device)
@@ -313,6 +349,12 @@ class Trainer:
         self.step = 0
         self.good_step = 0  # the step self.model holds
         self.losses: list[float] = []
+        self.validator = Validator.from_pairs(pairs, held, model.config.norm_percentiles,
+                                              self.device) if held else None
+        self.history: list[ValidationScore] = []  # [0]: the starting model
+        self.best: UNet = copy.deepcopy(model).cpu().eval()  # what run() returns
+        self.best_score: ValidationScore | None = None
+        self.message = self.validation_note
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr,
                                            weight_decay=1e-5)
 
@@ -345,7 +387,24 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         if self.config.checkpoint_path:
-            save_model(self.model, Path(self.config.checkpoint_path), overwrite=True)
+            save_model(self.selected, Path(self.config.checkpoint_path), overwrite=True)
+
+    @property
+    def selected(self) -> UNet:
+        """The model training hands back: the best by validation, else the last good one."""
+        return self.best if self.validator is not None else self.model
+
+    def _validate(self) -> ValidationScore:
+        """Score the last good snapshot; keep it when it beats the best so far."""
+        assert self.validator is not None
+        score = self.validator.score(self.model, self.step)
+        self.history.append(score)
+        if self.best_score is None or score.beats(self.best_score):
+            self.best_score = score
+            if self.step > 0:
+                self.best.load_state_dict(self.model.state_dict())
+        self.message = summary(self.history, self.best_score, self.validator.n_cells)
+        return score
 
     def _save_after_failure(self) -> str:
         """Write the last good model where asked after a stop or failure; says where it is."""
@@ -404,7 +463,12 @@ class Trainer:
         preview: Callable[[UNet], np.ndarray] | None = None,
         preview_every_s: float = 3.0,
     ) -> Generator[TrainProgress, None, UNet]:
-        """Train for the configured steps; yields progress, returns the last good model.
+        """Train for the configured steps; yields progress, returns the selected model.
+
+        With validation (:mod:`validation`) the starting model is scored first, then the
+        snapshot every ``validate_every`` steps and at the end; the best one is returned (the
+        starting model when none beats it) and ``self.message`` says so in one sentence.
+        Without it the last good model is returned.
 
         ``preview``, if given, is called with the last good model every ``preview_every_s``
         seconds and its result travels in ``TrainProgress.preview``.
@@ -412,6 +476,8 @@ class Trainer:
         c = self.config
         start = time.perf_counter()
         last_preview = -math.inf
+        if self.validator is not None and not self.history:
+            self._validate()  # the reference: the starting model, step 0
         try:
             while self.step < c.steps:
                 if cancel is not None and cancel():
@@ -425,20 +491,30 @@ class Trainer:
                     )
                 self.step += 1
                 self.losses.append(loss)
-                if self.step % c.snapshot_every == 0 or self.step == c.steps:
+                validate = self.validator is not None and (
+                    self.step % c.validate_every == 0 or self.step == c.steps)
+                if validate or self.step % c.snapshot_every == 0 or self.step == c.steps:
                     self._snapshot()
+                score = self._validate() if validate else None
                 if c.checkpoint_path and self.step % c.checkpoint_every == 0:
                     self._checkpoint()
                 elapsed = time.perf_counter() - start
                 progress = TrainProgress(self.step, c.steps, loss,
                                          float(np.mean(self.losses[-20:])), elapsed,
                                          self.step / elapsed)
+                if self.validator is not None:
+                    progress.validation, progress.reference = score, self.history[0]
+                    progress.best_step = self.best_score.step
+                if self.step == c.steps:
+                    progress.message = self.message
                 if preview is not None and elapsed - last_preview >= preview_every_s:
                     last_preview = elapsed
                     progress.preview = preview(self.model)
                 yield progress
             # Stopped or finished with a finite last loss: the current weights are good.
             self._snapshot()
+            if self.validator is not None and self.history[-1].step != self.step:
+                self._validate()  # stopped between scores: the last weights get their say
         except FloatingPointError:
             raise  # already saved, and its message says where
         except (Exception, KeyboardInterrupt, GeneratorExit) as exc:
@@ -448,7 +524,7 @@ class Trainer:
                 exc.add_note(where)
             raise
         self._checkpoint()
-        return self.model
+        return self.selected
 
 def train(
     model: UNet,
