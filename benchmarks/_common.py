@@ -26,6 +26,8 @@ import numpy as np
 # Benchmarks run as commands, like the CLI: passive OpenMP waiting (see napari_unet/cli.py),
 # set before any script imports torch. Importing napari_unet itself no longer sets it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The loaders of ../shared/data live with the scripts (a development tool, not in the wheel).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -335,7 +337,7 @@ def _base_nuclei() -> np.ndarray:
     if _BASE:
         return _BASE[0]
     try:
-        from napari_unet.datasets import load_dataset
+        from shared_data import load_dataset
 
         base = load_dataset("gowt1_nuclei")[0].image.astype(np.float32)
     except (FileNotFoundError, KeyError, OSError):
@@ -352,7 +354,7 @@ def _base_nuclei() -> np.ndarray:
 def training_sample(seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
     """(image, instance labels, name): the first GOWT1 image, or synthetic disks without data."""
     try:
-        from napari_unet.datasets import load_dataset
+        from shared_data import load_dataset
 
         s = load_dataset("gowt1_nuclei")[0]
         return s.image, s.labels, f"gowt1_nuclei/{s.name}"

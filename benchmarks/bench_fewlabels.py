@@ -60,8 +60,8 @@ from _common import (
     write_json,
 )
 from scipy import ndimage as ndi
+from shared_data import Sample, load_dataset
 
-from napari_unet.datasets import Sample, load_dataset
 from napari_unet.evaluate import evaluate_many
 from napari_unet.model import ModelConfig, UNet, load_model
 from napari_unet.normalize import normalize

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shared_data import load_dataset, split
 
-from napari_unet.datasets import load_dataset, split
 from napari_unet.evaluate import evaluate_many
 from napari_unet.model import ModelConfig, UNet, load_model, save_model
 from napari_unet.postprocess import PostprocessConfig

@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from shared_data import load_dataset, split
 
-from napari_unet.datasets import load_dataset, split
 from napari_unet.evaluate import evaluate_many
 from napari_unet.model import load_model, save_model
 from napari_unet.postprocess import PostprocessConfig, labels_from_probs

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from napari_unet.datasets import shared_data_dir
+from shared_data import shared_data_dir
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from napari_unet.datasets import DATASETS, Sample, load_dataset, load_nuclei3d, split
+from shared_data import DATASETS, Sample, load_dataset, load_nuclei3d, split
 
 EXPECTED_COUNT = {
     "isbi2012_em": 20,
     "gowt1_nuclei": 6,
     "nih3t3_nuclei": 18,
     "dsb2018_nuclei": 45,
+    "dsb2018_train": 660,
     "dsb_nuclei_demo": 1,
 }
 

@@ -44,7 +44,7 @@ def _mean_ap(model, samples):
 
 
 def test_finetuning_on_few_cells_improves_ap(shared_data):
-    from napari_unet.datasets import load_dataset
+    from shared_data import load_dataset
 
     if not bundled_model_path().exists():
         pytest.skip("bundled model not built")

@@ -1,5 +1,8 @@
 """Loaders for the public labelled data in ``../shared/data`` (see the README there).
 
+A development tool for the pretraining recipe, benchmarks and tests; not part of the
+installed package.
+
 Each data set keeps ``images/`` and ``labels/`` with matching file stems. Label conventions
 differ and are mapped explicitly per data set (:class:`DatasetSpec.label_kind`), never guessed
 from pixel values:
