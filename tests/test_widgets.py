@@ -30,6 +30,8 @@ from qtpy.QtCore import Qt  # noqa: E402
 from _synthetic import sparse_annotation, touching_disks  # noqa: E402
 from napari_unet._widgets import AnnotateWidget, SegmentWidget, TrainWidget  # noqa: E402
 from napari_unet._widgets import _common as c  # noqa: E402
+from napari_unet._widgets import _layers as L  # noqa: E402
+from napari_unet._widgets import _ui  # noqa: E402
 from napari_unet._widgets.annotate import count_annotation  # noqa: E402
 from napari_unet.augment import AugmentConfig  # noqa: E402
 from napari_unet.model import ModelConfig, UNet, bundled_model_path, load_model  # noqa: E402
@@ -63,7 +65,7 @@ def notes(monkeypatch):
     """Notifications shown by the widgets, as (level, message)."""
     got: list[tuple[str, str]] = []
     for level in ("error", "warning", "info"):
-        monkeypatch.setattr(c, f"show_{level}",
+        monkeypatch.setattr(_ui, f"show_{level}",
                             lambda msg, level=level: got.append((level, str(msg))))
     return got
 
@@ -122,21 +124,15 @@ def _select_model(picker, model, label="test model"):
 def _train_widget(viewer, model, steps=8, tile=64):
     w = _dock(viewer, TrainWidget(viewer))
     _select_model(w.model_picker, model)
-    w.steps_spin.setValue(steps)
-    w.tile_spin.setValue(tile)
-    w.batch_spin.setValue(2)
-    w.elastic_spin.setValue(2.0)
-    w.lr_spin.setValue(3e-3)
-    w.device_combo.setCurrentText("cpu")
+    w.settings.set(steps=steps, tile=tile, batch_size=2, elastic_alpha=2.0, lr=3e-3,
+                   device="cpu")
     return w
 
 
 def _segment_widget(viewer, model, tile=128):
     w = _dock(viewer, SegmentWidget(viewer))
     _select_model(w.model_picker, model)
-    w.tile_spin.setValue(tile)
-    w.overlap_spin.setValue(32)
-    w.device_combo.setCurrentText("cpu")
+    w.settings.set(tile=tile, overlap=32, device="cpu")
     return w
 
 
@@ -275,7 +271,7 @@ def test_train_runs_in_worker_with_preview_and_keeps_event_loop_alive(
     preview = c.owned_layer(viewer, "preview", "disks")
     assert isinstance(preview, Labels) and preview.data.shape == (128, 128)
     assert preview.name == "disks preview"
-    assert "done after 40 steps" in w.status.text()
+    assert "done after 40 steps" in w.status.plain()
     assert w.save_button.isEnabled() and w.train_button.isEnabled()
     # an open Segment widget switches to the model just trained; a new one offers it
     assert sw.model_picker.label() == entry.label
@@ -303,7 +299,7 @@ def test_train_stop_keeps_last_good_model(viewer, notes, qtbot, tmp_path):
                zip(start_model.state_dict().values(), w.model.state_dict().values(),
                    strict=True)]
     assert any(changed)
-    assert "stopped after" in w.status.text()
+    assert "stopped after" in w.status.plain()
     # save, and never overwrite without being asked
     path = w.save_model_to(str(tmp_path / "tuned"))
     assert path and Path(path).name == "tuned.safetensors" and Path(path).is_file()
@@ -385,16 +381,12 @@ def test_train_bad_inputs_notify_and_change_nothing(viewer, notes):
     viewer.layers.remove("img annotation")
     viewer.layers.remove("img")
 
-    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="rgb", rgb=True)
-    viewer.add_labels(sparse_annotation(labels, 2).astype(np.uint16), name="rgb annotation")
-    attempt("rgb")
-    viewer.layers.remove("rgb annotation")
-    viewer.layers.remove("rgb")
-
+    # all channels of a 2-channel image into a 1-channel model: says which control to change
     two = viewer.add_image(np.stack([image, image]), name="two")  # channel axis 0
-    c.remember_channel_axis(two, 0)
+    L.remember_channels(two, 0, L.ALL)
     viewer.add_labels(sparse_annotation(labels, 2).astype(np.uint16), name="two annotation")
     attempt("channel")
+    assert "'channels'" in _errors(notes)[-1].lower()
 
 
 # ---------------------------------------------------------------- segment
@@ -413,7 +405,7 @@ def test_segment_2d_instances_replace_own_layer_only(viewer, notes, qtbot, train
     out = c.owned_layer(viewer, "labels", "img")
     assert out is not None and out is not user and out.name == "img labels [1]"
     assert np.all(user.data == 7)  # the user's layer is untouched
-    assert out.data.shape == (128, 128) and out.data.dtype == np.int32
+    assert out.data.shape == (128, 128) and out.data.dtype.kind in "iu"
     assert _separated(out.data, truth) == truth.max()  # touching disks come apart
     probs = c.owned_layer(viewer, "probabilities", "img")
     assert probs.data.shape == (3, 128, 128)
@@ -434,10 +426,12 @@ def test_segment_stack_whole_and_current_slice(viewer, notes, qtbot, trained_mod
     viewer.add_image(stack, name="stack")
     w = _segment_widget(viewer, trained_model)
     assert w.scope_combo.isEnabled()
+    assert w.stitch_combo.currentData() == 0  # stacks default to 3D objects
+    w.stitch_combo.setCurrentIndex(0)  # per plane: one click away
     w.run()
     _wait_done(qtbot, w)
     out = c.owned_layer(viewer, "labels", "stack")
-    assert out.data.shape == (3, 128, 128) and out.data.dtype == np.int32
+    assert out.data.shape == (3, 128, 128) and out.data.dtype.kind in "iu"
     ids = [set(np.unique(out.data[z])) - {0} for z in range(3)]
     assert all(len(s) >= 6 for s in ids)
     assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])  # unique across the stack
@@ -483,7 +477,7 @@ def test_segment_cancel(viewer, notes, qtbot):
     qtbot.waitUntil(lambda: w.job.last is not None, timeout=TIMEOUT_MS)
     w.cancel()
     _wait_done(qtbot, w)
-    assert "cancelled" in w.status.text()
+    assert "cancelled" in w.status.plain()
     assert w.job.last.plane < 5
     assert not _errors(notes)
 
@@ -501,13 +495,14 @@ def test_segment_bad_inputs_notify_and_change_nothing(viewer, notes):
         assert [lay.name for lay in viewer.layers] == names
 
     attempt("no image layer")
-    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="rgb", rgb=True)
-    attempt("rgb")
-    viewer.layers.remove("rgb")
     viewer.add_image(np.zeros((2, 64, 64), np.uint16), name="two")
-    w.image_combo.set_layer(viewer.layers["two"])
+    assert w.image_combo.layer() is viewer.layers["two"]  # follows the new image
     w.channel_combo.set_value(0)
+    w.channel_combo.set_pick(L.ALL)
     attempt("channel")
+    w.settings.set(tile=100)  # not a multiple of 8: the control is named
+    w.channel_combo.set_pick(0)
+    attempt("'tile'")
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -540,7 +535,7 @@ def test_segment_lazy_multiscale_into_store_with_3d_stitching(viewer, notes, qtb
     assert (labels == labels[0]).all()  # one id per cell through all planes
     assert len(np.unique(labels)) - 1 == _separated(labels[0], truth) >= truth.max() - 1
     assert zarr.open_array(str(store), mode="r").attrs["stitch"]["anisotropy"] == 3.0
-    assert "3D objects" not in w.status.text() and str(store) in w.status.text()
+    assert "3D objects" not in w.status.plain() and str(store) in w.status.plain()
 
     # the same image in memory without stitching: the same objects in each plane
     w.store_edit.setText("")
@@ -567,7 +562,7 @@ def test_segment_labels_too_big_for_memory_ask_for_a_store(viewer, notes, tmp_pa
     store.mkdir()
     (store / "keep.txt").write_text("user data")
     w.store_edit.setText(str(store))
-    monkeypatch.setattr(c, "confirm", lambda parent, question: False)
+    monkeypatch.setattr(_ui, "confirm", lambda parent, question: False)
     assert w.run() is None
     assert (store / "keep.txt").read_text() == "user data"
     w.probs_check.setChecked(True)
