@@ -1,8 +1,8 @@
 """One worker helper for Train and Segment: start, stop, live updates, finish, failure.
 
-The generator runs in a napari thread worker; what it yields reaches the GUI thread at most
-every ``LIVE_INTERVAL_S`` (the newest value wins, except values marked urgent), so a fast
-loop of tiles or steps cannot flood the event loop.
+The generator runs in a napari thread worker; what it yields reaches the GUI thread in
+batches at most every ``LIVE_INTERVAL_S`` (only the newest value, unless ``keep_all`` or
+a value is urgent), so a fast loop of tiles or steps cannot flood the event loop.
 """
 
 from __future__ import annotations
@@ -67,10 +67,12 @@ class JobRunner:
     """
 
     def __init__(self, owner: QWidget, run_button: QPushButton, stop_button: QPushButton,
-                 *, urgent: Callable[[Any], bool] = lambda value: False) -> None:
+                 *, urgent: Callable[[Any], bool] = lambda value: False,
+                 keep_all: bool = False) -> None:
         self.run_button, self.stop_button = run_button, stop_button
         self.stop_button.setEnabled(False)
         self.urgent = urgent
+        self.keep_all = keep_all  # deliver every value (in batches), not only the newest
         self.worker: Any = None
         self.job: Job | None = None
         self._pending: list[Any] = []
@@ -131,7 +133,7 @@ class JobRunner:
             return
         self._last_live = time.perf_counter()
         for value in pending[:-1]:
-            if self.urgent(value):
+            if self.keep_all or self.urgent(value):
                 self._callbacks["progress"](value)
         self._callbacks["progress"](pending[-1])
 

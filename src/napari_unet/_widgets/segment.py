@@ -77,6 +77,9 @@ class _Written:
     def __getitem__(self, key: Any) -> Any:
         return self.out[key]
 
+    def __getattr__(self, name: str) -> Any:  # attrs of a zarr store, chunks, ...
+        return getattr(self.out, name)
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return np.asarray(self.out, dtype=dtype)
 
@@ -212,10 +215,6 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
     @property
     def worker(self) -> Any:
         return self.runner.worker
-
-    @property
-    def mode_combo(self) -> Any:
-        return self.post_form["mode"]
 
     # ------------------------------------------------------------ state
 

@@ -169,7 +169,8 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         layout.addStretch(1)
 
         self.runner = JobRunner(self, self.train_button, self.stop_button,
-                                urgent=lambda p: getattr(p, "preview", None) is not None)
+                                urgent=lambda p: getattr(p, "preview", None) is not None,
+                                keep_all=True)  # every step's loss goes into the plot
         self.add_pair_button.clicked.connect(self._add_manual_pair)
         self.image_combo.currentIndexChanged.connect(self._on_image_picked)
         self.pairs_list.itemChanged.connect(self._on_item_changed)
