@@ -28,10 +28,14 @@ from napari.layers import Labels  # noqa: E402
 from qtpy.QtCore import Qt  # noqa: E402
 
 from _synthetic import sparse_annotation, touching_disks  # noqa: E402
-from napari_unet._widgets import AnnotateWidget, SegmentWidget, TrainWidget  # noqa: E402
+from napari_unet._widgets import (  # noqa: E402
+    AnnotateWidget,
+    SegmentWidget,
+    TrainWidget,
+    _ui,  # noqa: E402
+)
 from napari_unet._widgets import _common as c  # noqa: E402
 from napari_unet._widgets import _layers as L  # noqa: E402
-from napari_unet._widgets import _ui  # noqa: E402
 from napari_unet._widgets.annotate import count_annotation  # noqa: E402
 from napari_unet.augment import AugmentConfig  # noqa: E402
 from napari_unet.model import ModelConfig, UNet, bundled_model_path, load_model  # noqa: E402
@@ -630,3 +634,167 @@ def test_sample_data_and_demo_viewer(plugin_viewer, notes):
     assert widgets["Train"].checked_pairs() == [(viewer.layers["nuclei"],
                                                  viewer.layers["nuclei annotation"])]
     assert not _errors(notes)
+
+
+# ---------------------------------------------------------------- issue 12: GUI behaviour
+
+
+def test_pickers_follow_new_and_active_images_and_skip_plugin_outputs(viewer, notes):
+    a = viewer.add_image(_disks(seed=0)[0], name="a")
+    sw = _dock(viewer, SegmentWidget(viewer))
+    tw = _dock(viewer, TrainWidget(viewer))
+    assert sw.image_combo.layer() is a
+    b = viewer.add_image(_disks(seed=1)[0], name="b")  # a newly opened image is picked
+    assert sw.image_combo.layer() is b and tw.image_combo.layer() is b
+    viewer.layers.selection.active = a  # so is the active one
+    assert sw.image_combo.layer() is a
+    # the plugin's own outputs are never offered as annotations or images
+    L.put_output(viewer, np.zeros((128, 128), np.uint8), a, "labels")
+    L.put_output(viewer, np.zeros((3, 128, 128), np.float32), a, "probabilities",
+                 kind="image")
+    viewer.add_labels(np.zeros((128, 128), np.uint16), name="mine")
+    names = [tw.annotation_combo.itemText(i) for i in range(tw.annotation_combo.count())]
+    assert names == ["mine"]
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    names = [aw.annotation_combo.itemText(i) for i in range(aw.annotation_combo.count())]
+    assert names == ["(new)", "mine"]
+    images = [sw.image_combo.itemText(i) for i in range(sw.image_combo.count())]
+    assert images == ["a", "b"]
+    assert not _errors(notes)
+
+
+def test_channel_choice_segments_the_chosen_channel(viewer, notes, qtbot, trained_model):
+    image, truth = _disks((128, 128), seed=4)
+    noise = np.random.default_rng(0).normal(0, 1, image.shape).astype(image.dtype)
+    two = viewer.add_image(np.stack([noise, image]), name="two")  # cells in channel 1
+    w = _segment_widget(viewer, trained_model)
+    assert "if they are channels" in w.status.plain()  # a 2-plane axis may be channels
+    w.channel_combo.set_value(0)
+    w.channel_combo.set_pick(1)
+    assert L.channel_axis(two) == 0 and L.channel_pick(two) == 1
+    assert w.stitch_combo.count() == 1  # channels are not planes: nothing to link
+    w.run()
+    _wait_done(qtbot, w)
+    out = c.owned_layer(viewer, "labels", "two")
+    assert out.data.shape == (128, 128)
+    assert _separated(out.data, truth) >= truth.max() - 1
+
+    # RGB: Annotate makes a (Y, X) annotation and Train reads the same channel choice
+    rgb = np.stack([image * 0, image, image * 0], axis=-1)
+    rgb = (255 * (rgb - rgb.min()) / np.ptp(rgb)).astype(np.uint8)
+    layer = viewer.add_image(rgb, name="rgb", rgb=True)
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    assert aw.image_layer() is layer and aw.channel_combo.pick_combo.isEnabled()
+    aw.channel_combo.set_pick(1)  # green
+    ann = aw.create_annotation()
+    assert ann.data.shape == (128, 128)
+    ann.data = sparse_annotation(truth, 4).astype(ann.data.dtype)
+    tw = _dock(viewer, TrainWidget(viewer))
+    pairs, _ = tw._collect()
+    plane = np.asarray(pairs[0].image)
+    assert plane.shape == (128, 128) and np.array_equal(plane, rgb[..., 1])
+    assert not _errors(notes), notes
+
+
+def test_status_is_persistent_and_cleared_at_each_run(viewer, notes, qtbot, trained_model):
+    w = _segment_widget(viewer, trained_model)
+    w.run()
+    assert "no image layer" in w.status.plain() and w.status.level == "error"
+    viewer.add_image(_disks(seed=5)[0], name="img")
+    w.settings.set(tile=100)
+    w.run()
+    assert "'tile'" in w.status.plain() and "no image layer" not in w.status.plain()
+    w.settings.set(tile=128)
+    w.run()
+    assert w.status.level == "info" and "'tile'" not in w.status.plain()
+    _wait_done(qtbot, w)
+    assert w.status.plain().startswith("done") and "cells" in w.status.plain()
+
+
+def test_stacks_default_to_3d_linking_with_the_layer_scale(viewer, notes):
+    stack = np.stack([_disks(seed=s)[0] for s in range(3)])
+    viewer.add_image(stack, name="z", scale=(2.5, 0.5, 0.5))
+    w = _dock(viewer, SegmentWidget(viewer))
+    assert w.stitch_combo.currentData() == 0 and w.stitch_combo.isEnabled()
+    assert w.anisotropy_spin.value() == pytest.approx(5.0)
+    w.stitch_combo.setCurrentIndex(0)  # per plane is one click away
+    assert w.stitch_combo.currentData() is None
+    # a time axis is not linked by default
+    viewer.add_image(stack, name="t", axis_labels=("t", "y", "x"))
+    assert w.image_combo.currentText() == "t" and w.stitch_combo.currentData() is None
+    viewer.add_image(stack[0], name="2d")
+    assert not w.stitch_combo.isEnabled()
+
+
+def test_segment_cancel_keeps_or_discards_partial_results(viewer, notes, qtbot,
+                                                          trained_model):
+    stack = np.stack([_disks((256, 256), seed=s)[0] for s in range(6)])
+    viewer.add_image(stack, name="big")
+    w = _segment_widget(viewer, trained_model, tile=64)
+    w.stitch_combo.setCurrentIndex(0)
+
+    # cancelled before a plane finished: nothing is added
+    w.run()
+    w.cancel()
+    _wait_done(qtbot, w)
+    assert "discarded, no layer added" in w.status.plain()
+    assert c.owned_layer(viewer, "labels", "big") is None
+
+    # cancelled after a plane: the finished planes are kept, and the status says so
+    w.run()
+    qtbot.waitUntil(lambda: w.job.last is not None and w.job.last.plane >= 1,
+                    timeout=TIMEOUT_MS)
+    w.cancel()
+    _wait_done(qtbot, w)
+    assert "kept the finished planes" in w.status.plain()
+    out = c.owned_layer(viewer, "labels", "big")
+    finished = w.job.written.planes
+    assert 1 <= finished < 6 and out.data[:finished].any() and not out.data[finished:].any()
+
+    # with "keep finished planes" unticked a cancel changes nothing
+    before = np.array(out.data)
+    w.keep_partial_check.setChecked(False)
+    w.run()
+    qtbot.waitUntil(lambda: w.job.last is not None and w.job.last.plane >= 1,
+                    timeout=TIMEOUT_MS)
+    w.cancel()
+    _wait_done(qtbot, w)
+    assert "discarded" in w.status.plain()
+    assert np.array_equal(c.owned_layer(viewer, "labels", "big").data, before)
+    assert not _errors(notes)
+
+
+def test_fully_annotated_warns_when_many_cells_are_unpainted(viewer, notes, monkeypatch):
+    aw, ann = _annotated_viewer(viewer, n_cells=2)  # 2 of ~12 disks painted
+    asked: list[str] = []
+
+    def answer(reply):
+        def confirm(parent, question):
+            asked.append(question)
+            return reply
+        return confirm
+
+    monkeypatch.setattr(_ui, "confirm", answer(False))
+    aw.set_slice_complete(True)
+    assert asked and "no painted pixel" in asked[-1]
+    assert not c.complete_planes(ann) and not aw.slice_check.isChecked()
+    assert "not marked" in aw.status.plain()
+    monkeypatch.setattr(_ui, "confirm", answer(True))
+    aw.set_slice_complete(True)
+    assert c.complete_planes(ann) == {()}
+
+
+def test_docks_fit_the_screen_and_open_as_tabs(plugin_viewer):
+    from qtpy.QtWidgets import QApplication
+
+    viewer = plugin_viewer
+    docks = [viewer.window.add_plugin_dock_widget("napari-unet", name)[0]
+             for name in ("Annotate", "Train", "Segment")]
+    for dock in docks:
+        assert dock.widget().minimumSizeHint().height() < 330  # three fit in 1000 px
+    window = viewer.window._qt_window
+    QApplication.processEvents()
+    tabbed = window.tabifiedDockWidgets(docks[0])
+    assert docks[1] in tabbed and docks[2] in tabbed
+    seg = docks[2].widget().findChild(SegmentWidget) or docks[2].widget()
+    assert not seg.advanced.is_expanded()

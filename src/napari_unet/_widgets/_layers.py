@@ -54,6 +54,9 @@ class LayerCombo(QComboBox):
             events.inserted.connect(self._on_inserted)
             viewer.layers.selection.events.active.connect(self._on_active)
         self.refresh()
+        active = viewer.layers.selection.active
+        if follow and active is not None and self.accepts(active):
+            self.set_layer(active)
 
     def accepts(self, layer: Any) -> bool:
         return isinstance(layer, self.layer_types) and not is_output(layer)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt, QTimer
 from qtpy.QtWidgets import (
     QDockWidget,
     QFrame,
@@ -160,9 +160,15 @@ class TabbedDock:
 
     _tabified = False
 
-    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
-        super().showEvent(event)  # type: ignore[misc]
-        if not self._tabified:
+    def event(self, event: Any) -> bool:
+        # napari puts the widget into its dock, then the dock into the window: tabify once
+        # the event loop is back, when both have happened.
+        if event.type() == QEvent.ParentChange and not self._tabified:
+            QTimer.singleShot(0, self._tabify_once)
+        return super().event(event)  # type: ignore[misc]
+
+    def _tabify_once(self) -> None:
+        if not self._tabified and _dock_of(self) is not None:  # type: ignore[arg-type]
             self._tabified = True
             tabify_with_siblings(self)  # type: ignore[arg-type]
 
@@ -175,19 +181,22 @@ def _dock_of(widget: QWidget) -> QDockWidget | None:
 
 
 def tabify_with_siblings(widget: QWidget) -> None:
-    """Tabify the dock holding ``widget`` with another visible dock of a TabbedDock widget."""
+    """Put the dock holding ``widget`` into one tab group with the other docks that hold a
+    TabbedDock widget (the napari-unet docks), leaving floating and hidden ones alone."""
     dock = _dock_of(widget)
     window = dock.parentWidget() if dock is not None else None
     if dock is None or window is None or not hasattr(window, "tabifyDockWidget"):
         return
-    for other in window.findChildren(QDockWidget):
-        if other is dock or not other.isVisible() or other.isFloating():
-            continue
-        if any(isinstance(w, TabbedDock) for w in other.findChildren(QWidget)):
-            if dock not in window.tabifiedDockWidgets(other):
-                window.tabifyDockWidget(other, dock)
-            dock.raise_()
-            return
+    ours = [d for d in window.findChildren(QDockWidget)
+            if not d.isHidden() and not d.isFloating()
+            and any(isinstance(w, TabbedDock) for w in d.findChildren(QWidget))]
+    if dock not in ours or len(ours) < 2:
+        return
+    anchor = ours[0]  # always the same one: re-tabifying a grouped dock splits groups
+    for other in ours[1:]:
+        if other not in window.tabifiedDockWidgets(anchor):
+            window.tabifyDockWidget(anchor, other)
+    dock.raise_()
 
 
 # ---------------------------------------------------------------- text helpers
