@@ -469,7 +469,8 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         return labels, probs
 
     def _on_error(self, exc: BaseException) -> None:
-        self.status.error(f"segmentation failed: {exc}")
+        name = self.job.image_name if self.job else "the image"
+        self.status.error(f"segmenting {name!r} failed: {_ui.gui_message(str(exc))}")
 
 
 def _z_axis(image: Any, shape: tuple[int, ...]) -> int | None:
