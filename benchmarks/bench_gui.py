@@ -193,6 +193,11 @@ def main() -> None:
             image = viewer.layers["nuclei"]
             trace = Trace()
             trace.install(viewer)
+            # The widgets import torch's and the engine's heavy modules in the background
+            # when they open (see napari_unet._widgets._worker.warm_up): let that finish,
+            # as it does while a user paints, before measuring.
+            warm = getattr(sys.modules.get("napari_unet._widgets._worker"), "_warm", [])
+            _pump_until(lambda: not any(t.is_alive() for t in warm), 120)
             _pump(1.0)
             rows.append(_idle(pick(mode, smoke=1.0, normal=5.0), trace))
 

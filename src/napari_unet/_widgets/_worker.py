@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable, Generator
@@ -21,6 +23,26 @@ from qtpy.QtWidgets import QPushButton, QWidget
 
 logger = logging.getLogger("napari_unet._widgets")
 LIVE_INTERVAL_S = 0.1
+# Imported lazily by torch / the engine on the first run; importing holds the GIL for long
+# stretches (torch._dynamo alone: 800 modules, ~4 s on a 2-core CPU), which froze the GUI
+# for up to 2 s when training started. Imported in the background when a widget opens.
+WARM_MODULES = ("torch._dynamo", "skimage.segmentation", "skimage.feature", "skimage.filters",
+                "napari_unet.postprocess", "napari_unet.stitch", "napari_unet.train")
+_warm: list[threading.Thread] = []
+
+
+def warm_up() -> threading.Thread:
+    """Import the engine's lazily imported heavy modules in a background thread (once)."""
+    if not _warm:
+        def run() -> None:
+            for name in WARM_MODULES:
+                with contextlib.suppress(Exception):
+                    importlib.import_module(name)
+
+        thread = threading.Thread(target=run, name="napari-unet warm-up", daemon=True)
+        thread.start()
+        _warm.append(thread)
+    return _warm[0]
 
 
 @dataclass

@@ -48,7 +48,7 @@ from . import _layers as L
 from . import _ui
 from ._forms import ConfigForm, Settings
 from ._models import DEVICES, ModelPicker
-from ._worker import Job, JobRunner
+from ._worker import Job, JobRunner, warm_up
 
 WHOLE, CURRENT = "whole image / stack", "current slice"
 NO_STITCH = "no: objects per plane"
@@ -200,6 +200,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         layout.addWidget(self.actions)
         layout.addStretch(1)
 
+        warm_up()
         self.runner = JobRunner(self, self.run_button, self.cancel_button)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.channel_combo.changed.connect(self._update_scope)

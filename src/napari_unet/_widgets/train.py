@@ -41,7 +41,7 @@ from ._annotations import annotation_of, complete_mask
 from ._forms import ConfigForm, Settings
 from ._models import DEVICES, MODEL_FILTER, REGISTRY, ModelPicker
 from ._plot import LossPlot
-from ._worker import Job, JobRunner, logger
+from ._worker import Job, JobRunner, logger, warm_up
 
 PREVIEW_MAX = 384  # preview at most this many pixels square (around the view centre)
 PREVIEW_EVERY_S = 3.0
@@ -168,6 +168,7 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         layout.addWidget(self.advanced)
         layout.addStretch(1)
 
+        warm_up()
         self.runner = JobRunner(self, self.train_button, self.stop_button,
                                 urgent=lambda p: getattr(p, "preview", None) is not None,
                                 keep_all=True)  # every step's loss goes into the plot
