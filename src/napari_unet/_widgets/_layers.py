@@ -444,12 +444,26 @@ def put_output(viewer: Any, data: Any, image_layer: Any, role_name: str, kind: s
     kwargs.setdefault("translate", translate)
     layer = owned_layer(viewer, role_name, image_layer.name)
     if layer is not None and layer.ndim == np.ndim(data):
-        layer.data = data
+        # Every property set re-slices the layer and redraws its thumbnail, and a new
+        # dtype rebuilds the labels colormap (hundreds of ms on the GUI thread for a live
+        # preview): set only what changed, keep the layer's dtype, and the data last.
+        old = layer.data
+        if kind == "labels" and isinstance(data, np.ndarray) and isinstance(old, np.ndarray) \
+                and data.dtype != old.dtype and data.dtype.kind in "iu" and \
+                old.dtype.kind in "iu" and data.size and \
+                int(data.max()) <= np.iinfo(old.dtype).max and int(data.min()) >= 0:
+            data = data.astype(old.dtype)
         for key, value in kwargs.items():
-            if key not in ("name", "metadata"):
-                with contextlib.suppress(Exception):
+            if key in ("name", "metadata"):
+                continue
+            with contextlib.suppress(Exception):
+                current = getattr(layer, key)
+                if not np.array_equal(np.asarray(current, dtype=object),
+                                      np.asarray(value, dtype=object)):
                     setattr(layer, key, value)
-        layer.refresh()
+        layer.data = data
+        if data is old:  # the same (e.g. zarr) array written in place: show the new values
+            layer.refresh()
         return layer
     if layer is not None:  # dimensionality changed: replace our own layer
         kwargs.setdefault("name", layer.name)
