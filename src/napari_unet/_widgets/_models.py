@@ -85,6 +85,9 @@ class ModelPicker(QWidget):
     def __init__(self, parent: QWidget | None = None, *, scratch: bool = False) -> None:
         super().__init__(parent)
         self.combo = QComboBox()
+        # Long labels ("fine-tuned on ... (300 steps)") must not widen the dock.
+        self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.combo.setMinimumContentsLength(14)
         self.combo.setToolTip("bundled pretrained model, a model trained in this session, "
                               "or a .safetensors model file")
         self.load_button = QPushButton("Load…")

@@ -151,7 +151,17 @@ def scrolled(widget: QWidget, body: QWidget) -> QVBoxLayout:
     outer.setContentsMargins(0, 0, 0, 0)
     outer.addWidget(area)
     widget.setMinimumHeight(120)
+    widget._scroll_area = area  # for fit_width
     return QVBoxLayout(body)
+
+
+def fit_width(widget: QWidget) -> None:
+    """Make the scroll area (and so the dock) as wide as its content needs: it scrolls
+    vertically only, so content wider than the dock would be cut off on the right."""
+    area = getattr(widget, "_scroll_area", None)
+    if area is not None and area.widget() is not None:
+        need = area.widget().minimumSizeHint().width()
+        area.setMinimumWidth(need + area.verticalScrollBar().sizeHint().width() + 2)
 
 
 class TabbedDock:

@@ -164,6 +164,7 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
         self.load_button.clicked.connect(self._ask_load)
         self.viewer.dims.events.current_step.connect(self._on_step)
         self._on_image_changed()
+        _ui.fit_width(self)
 
     # ------------------------------------------------------------ state
 

@@ -210,6 +210,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self._on_image_changed()
+        _ui.fit_width(self)
 
     # ------------------------------------------------------------ compatibility names
 

@@ -188,6 +188,7 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         _ui.camera(napari_viewer).events.center.connect(self._update_preview_target)
         self._on_image_picked()
         self.refresh_pairs()
+        _ui.fit_width(self)
 
     # ------------------------------------------------------------ compatibility names
 
