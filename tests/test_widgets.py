@@ -64,6 +64,15 @@ def _clean_registry():
     c.REGISTRY.clear()
 
 
+@pytest.fixture(autouse=True)
+def _no_modal_questions(monkeypatch):
+    """A modal Yes/No box would wait forever in a test: any unexpected question fails."""
+    def unexpected(parent, question):
+        raise AssertionError(f"unexpected question: {question}")
+
+    monkeypatch.setattr(_ui, "confirm", unexpected)
+
+
 @pytest.fixture
 def notes(monkeypatch):
     """Notifications shown by the widgets, as (level, message)."""
@@ -189,7 +198,8 @@ def test_annotate_creates_annotation_and_paints(viewer, notes, qtbot):
     assert not _errors(notes)
 
 
-def test_annotate_stack_and_channel_axis(viewer, notes):
+def test_annotate_stack_and_channel_axis(viewer, notes, monkeypatch):
+    monkeypatch.setattr(_ui, "confirm", lambda parent, question: True)  # nothing painted
     stack = np.stack([_disks(seed=s)[0] for s in range(3)])
     viewer.add_image(np.stack([stack, stack]), name="two channels")  # (C=2, Z=3, Y, X)
     aw = _dock(viewer, AnnotateWidget(viewer))
