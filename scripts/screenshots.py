@@ -5,7 +5,8 @@ Run under a (virtual) display, e.g.:
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshots.py
 
 Writes annotate.png (sample + sparse annotation + Annotate widget), train.png (training
-mid-run: loss curve and live preview) and segment.png (the segmentation result).
+mid-run: loss curve and live preview) and segment.png (the segmentation result), each at
+1600 x 1000 with the three docks open as tabs of one dock area.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--steps", type=int, default=200, help="training steps")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--size", type=int, nargs=2, default=(1500, 940), metavar=("W", "H"))
+    parser.add_argument("--size", type=int, nargs=2, default=(1600, 1000), metavar=("W", "H"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -98,8 +99,7 @@ def main() -> None:
     if not bundled_model_path().is_file():
         print("no bundled model: training a new model from scratch for the screenshots")
         train.model_picker.set_label(c.SCRATCH_LABEL)
-    train.steps_spin.setValue(args.steps)
-    train.device_combo.setCurrentText(args.device)
+    train.settings.set(steps=args.steps, device=args.device)
     if train.start() is None:
         raise SystemExit("training did not start")
     half = max(args.steps // 2, 1)
@@ -115,7 +115,7 @@ def main() -> None:
     if preview is not None:
         preview.visible = False
     annotation.visible = False
-    segment.device_combo.setCurrentText(args.device)
+    segment.settings.set(device=args.device)
     print(f"segmenting with {segment.model_picker.label()!r}")
     if segment.run() is None:
         raise SystemExit("segmentation did not start")

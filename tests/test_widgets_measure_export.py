@@ -19,7 +19,7 @@ if sys.platform.startswith("linux") and not (
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari_unet._widgets import _common as c  # noqa: E402
+from napari_unet._widgets import _models, _ui  # noqa: E402
 from napari_unet._widgets.export import ExportButton  # noqa: E402
 from napari_unet._widgets.measure import MeasureWidget, measure_layer  # noqa: E402
 from napari_unet.model import ModelConfig, UNet  # noqa: E402
@@ -33,16 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def notes(monkeypatch):
     got: list[tuple[str, str]] = []
     for level in ("error", "warning", "info"):
-        monkeypatch.setattr(c, f"show_{level}",
+        monkeypatch.setattr(_ui, f"show_{level}",
                             lambda msg, level=level: got.append((level, str(msg))))
     return got
 
 
 @pytest.fixture(autouse=True)
 def _clean_registry():
-    c.REGISTRY.clear()
+    _models.REGISTRY.clear()
     yield
-    c.REGISTRY.clear()
+    _models.REGISTRY.clear()
 
 
 def test_measure_widget_features_table_and_csv(make_napari_viewer, notes, tmp_path):

@@ -3,12 +3,13 @@
 Conventions (``napari_unet.targets``): 0 = not annotated (ignored by training),
 1 = background, every value >= 2 = one cell. Regions declared fully annotated (rectangles in
 a "<image> complete regions" Shapes layer, or whole slices) count their unpainted pixels
-as background.
+as background; declaring a slice complete while many objects there are unpainted asks first.
+The channel choice (one channel, a mean, all) is stored on the image layer, so Train and
+Segment feed the model what was annotated (RGB images included).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ from qtpy.QtCore import QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QCheckBox,
-    QFileDialog,
     QFormLayout,
     QGridLayout,
     QGroupBox,
@@ -29,16 +29,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..targets import BACKGROUND, FIRST_CELL, check_label_dtype
-from . import _common as c
+from ..targets import BACKGROUND, FIRST_CELL
+from . import _annotation_io as _io
+from . import _annotations as A
+from . import _layers as L
+from . import _ui
+from ._annotation_io import ANNOTATION_SUFFIX, annotation_name
 
-ANNOTATION_SUFFIX = "_annotation.tif"
-SIDECAR_SUFFIX = "_annotation.json"
+UNPAINTED_WARN = 5  # ask before "fully annotated" when this many objects look unpainted
+
 _COUNT_LIMIT = 64_000_000  # count the whole annotation below this many pixels, else the slice
-
-
-def annotation_name(image_name: str) -> str:
-    return f"{image_name} annotation"
 
 
 def count_annotation(data: np.ndarray) -> tuple[int, int]:
@@ -70,7 +70,7 @@ class _Swatch(QLabel):
         self.setStyleSheet(css)
 
 
-class AnnotateWidget(QWidget):
+class AnnotateWidget(_ui.TabbedDock, QWidget):
     """Create/pick an image's annotation layer, paint it, declare complete regions, save it."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
@@ -82,16 +82,17 @@ class AnnotateWidget(QWidget):
         self._count_timer.setInterval(150)
         self._count_timer.timeout.connect(self.update_counts)
 
-        self.image_combo = c.LayerCombo(napari_viewer, (Image,))
-        self.channel_combo = c.ChannelAxisCombo()
-        self.annotation_combo = c.LayerCombo(napari_viewer, (Labels,), none_text="(new)")
+        self.image_combo = L.LayerCombo(napari_viewer, (Image,))
+        self.channel_combo = L.ChannelPicker()
+        self.annotation_combo = L.LayerCombo(napari_viewer, (Labels,), none_text="(new)",
+                                             follow=False)
         self.create_button = QPushButton("Create / pick annotation layer")
         self.create_button.setToolTip('adds a Labels layer "<image> annotation" matching the '
                                       "image (or picks the existing one)")
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
-        form.addRow("Channel axis", self.channel_combo)
+        form.addRow("Channels", self.channel_combo)
         form.addRow("Annotation", self.annotation_combo)
 
         legend = QGroupBox("Label values")
@@ -123,6 +124,7 @@ class AnnotateWidget(QWidget):
 
         self.counts_label = QLabel("no annotation layer")
         self.counts_label.setWordWrap(True)
+        self.status = _ui.StatusBox("")
 
         self.save_button = QPushButton("Save…")
         self.save_button.setToolTip(f"write <image>{ANNOTATION_SUFFIX} (+ the image and the "
@@ -133,18 +135,25 @@ class AnnotateWidget(QWidget):
         io_row.addWidget(self.save_button)
         io_row.addWidget(self.load_button)
 
-        layout = QVBoxLayout(self)
+        body = QWidget()
+        layout = _ui.scrolled(self, body)
         layout.addLayout(form)
         layout.addWidget(self.create_button)
-        layout.addWidget(legend)
         layout.addLayout(paint_row)
         layout.addWidget(complete)
         layout.addWidget(self.counts_label)
+        layout.addWidget(self.status)
         layout.addLayout(io_row)
+        layout.addWidget(legend)
+        # Hook for more annotation tools (e.g. corrections from a segmentation).
+        self.actions = QWidget()
+        self.actions_layout = QVBoxLayout(self.actions)
+        self.actions_layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.actions)
         layout.addStretch(1)
 
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
-        self.channel_combo.currentIndexChanged.connect(self._on_channel_changed)
+        self.channel_combo.changed.connect(self._on_channel_changed)
         self.annotation_combo.currentIndexChanged.connect(self._on_annotation_changed)
         self.create_button.clicked.connect(self.create_annotation)
         self.background_button.clicked.connect(self.paint_background)
@@ -155,6 +164,7 @@ class AnnotateWidget(QWidget):
         self.load_button.clicked.connect(self._ask_load)
         self.viewer.dims.events.current_step.connect(self._on_step)
         self._on_image_changed()
+        _ui.fit_width(self)
 
     # ------------------------------------------------------------ state
 
@@ -165,27 +175,25 @@ class AnnotateWidget(QWidget):
         return self.annotation_combo.layer()
 
     def _expected_shape(self, image: Image) -> tuple[int, ...]:
-        return c.label_shape(image, self.channel_combo.value())
+        return L.label_shape(image)
 
     def _on_image_changed(self, *_: Any) -> None:
         image = self.image_layer()
-        shape = () if image is None or image.rgb else tuple(c.layer_array(image).shape)
-        self.channel_combo.set_shape(shape, c.default_channel_axis(image))
+        self.channel_combo.set_layer(image)
         if image is not None:
             match = self._find_annotation(image)
             self.annotation_combo.set_layer(match)
+        self.status.set(L.stack_hint(image) or "")
         self._on_annotation_changed()
 
     def _on_channel_changed(self, *_: Any) -> None:
-        image = self.image_layer()
-        if image is not None and not image.rgb:
-            c.remember_channel_axis(image, self.channel_combo.value())
+        self.status.set("")
 
     def _find_annotation(self, image: Image) -> Labels | None:
         """An existing annotation layer for this image (tagged, or by name)."""
         shape = self._expected_shape(image)
         for layer in self.viewer.layers:
-            meta = layer.metadata.get(c.TAG)
+            meta = layer.metadata.get(L.TAG)
             if isinstance(layer, Labels) and isinstance(meta, dict) and \
                     meta.get("role") == "annotation" and meta.get("image") == image.name and \
                     layer.data.shape == shape:
@@ -211,10 +219,10 @@ class AnnotateWidget(QWidget):
                 emitter.connect(self._schedule_counts)
             image = self.image_layer()
             if image is not None and layer.data.shape != self._expected_shape(image):
-                c.notify_warning(
+                self.status.warning(
                     f"annotation {layer.name!r} has shape {layer.data.shape} but image "
                     f"{image.name!r} needs {self._expected_shape(image)}: pick another layer "
-                    "or press 'Create / pick annotation layer'"
+                    "under 'Annotation' or press 'Create / pick annotation layer'"
                 )
             self.swatches[1].set_color(layer.get_color(BACKGROUND))
             self.swatches[2].set_color(layer.get_color(FIRST_CELL))
@@ -232,7 +240,7 @@ class AnnotateWidget(QWidget):
         """Create (or pick the existing) "<image> annotation" layer; returns it."""
         image = self.image_layer()
         if image is None:
-            c.notify_error("no image layer: open an image (File > Open or a sample) first")
+            self.status.error(L.image_problem(None))
             return None
         existing = self._find_annotation(image)
         if existing is not None:
@@ -241,15 +249,16 @@ class AnnotateWidget(QWidget):
             return existing
         shape = self._expected_shape(image)
         if len(shape) < 2:
-            c.notify_error(f"{image.name!r} has shape {c.layer_array(image).shape}: "
-                           "an image needs Y and X axes")
+            self.status.error(f"{image.name!r} has shape {L.layer_array(image).shape}: an "
+                              "image needs Y and X axes")
             return None
-        scale, translate = c.spatial_transform(image, self.channel_combo.value(), len(shape))
+        scale, translate = L.spatial_transform(image, L.default_channel_axis(image),
+                                               len(shape))
         layer = self.viewer.add_labels(
             np.zeros(shape, np.uint16),
-            name=c.free_name(self.viewer, annotation_name(image.name)),
+            name=L.free_name(self.viewer, annotation_name(image.name)),
             scale=scale, translate=translate,
-            metadata={c.TAG: {"role": "annotation", "image": image.name,
+            metadata={L.TAG: {"role": "annotation", "image": image.name,
                               "complete_planes": []}},
         )
         layer.brush_size = 5
@@ -260,7 +269,8 @@ class AnnotateWidget(QWidget):
     def _checked_annotation(self) -> Labels | None:
         layer = self.annotation_layer()
         if layer is None:
-            c.notify_error("no annotation layer: press 'Create / pick annotation layer' first")
+            self.status.error("no annotation layer: press 'Create / pick annotation layer' "
+                              "first")
             return None
         return layer
 
@@ -293,15 +303,15 @@ class AnnotateWidget(QWidget):
         layer = self._checked_annotation()
         if image is None or layer is None:
             if image is None:
-                c.notify_error("no image layer: open an image first")
+                self.status.error(L.image_problem(None))
             return None
-        shapes = c.find_regions_layer(self.viewer, image.name)
+        shapes = A.find_regions_layer(self.viewer, image.name)
         if shapes is None:
             shapes = self.viewer.add_shapes(
-                ndim=layer.ndim, name=c.regions_layer_name(image.name),
+                ndim=layer.ndim, name=A.regions_layer_name(image.name),
                 scale=layer.scale, translate=layer.translate,
                 edge_color="yellow", face_color=[1, 1, 0, 0.08], edge_width=2,
-                metadata={c.TAG: {"role": "complete_regions", "image": image.name}},
+                metadata={L.TAG: {"role": "complete_regions", "image": image.name}},
             )
         self._activate(shapes)
         shapes.mode = "add_rectangle"
@@ -313,7 +323,7 @@ class AnnotateWidget(QWidget):
         layer = self.annotation_layer()
         if layer is None:
             return None
-        return c.lead_index(c.plane_key(self.viewer, layer, None), None)
+        return L.lead_index(L.plane_key(self.viewer, layer, None), None)
 
     def _on_step(self, *_: Any) -> None:
         layer = self.annotation_layer()
@@ -322,7 +332,7 @@ class AnnotateWidget(QWidget):
         self.slice_check.setText("Whole image is fully annotated" if lead == ()
                                  else "This slice is fully annotated")
         self.slice_check.blockSignals(True)
-        self.slice_check.setChecked(layer is not None and lead in c.complete_planes(layer))
+        self.slice_check.setChecked(layer is not None and lead in A.complete_planes(layer))
         self.slice_check.blockSignals(False)
         if layer is not None and layer.data.size > _COUNT_LIMIT:
             self._schedule_counts()
@@ -332,8 +342,46 @@ class AnnotateWidget(QWidget):
         lead = self._current_lead()
         if layer is None or lead is None:
             return
-        c.set_plane_complete(layer, lead, checked)
+        if checked:
+            missing = self._unpainted(layer, lead)
+            where = "the whole image" if lead == () else "this slice"
+            if missing >= UNPAINTED_WARN and not _ui.confirm(
+                    self, f"About {missing} objects in {where} have no painted pixel. "
+                    f"'Fully annotated' makes every unpainted pixel background, so training "
+                    f"would learn those cells as background.\n\nMark {where} fully "
+                    "annotated anyway?"):
+                self.slice_check.blockSignals(True)
+                self.slice_check.setChecked(False)
+                self.slice_check.blockSignals(False)
+                self.status.set(f"not marked: paint the ~{missing} unpainted objects first "
+                                "(or draw complete-region rectangles around painted ones)")
+                return
+        A.set_plane_complete(layer, lead, checked)
         self.update_counts()
+
+    def _unpainted(self, layer: Labels, lead: tuple[int, ...]) -> int:
+        """Objects of the plane on screen with no painted pixel (see unpainted_objects)."""
+        image = self.image_layer()
+        if image is None:
+            return 0
+        key = L.annotation_plane_key(layer.data.shape, lead)
+        ann = np.asarray(layer.data[key])
+        own = L.owned_layer(self.viewer, "labels", image.name)
+        reference = np.asarray(own.data[key]) if own is not None and \
+            tuple(own.data.shape) == tuple(layer.data.shape) else None
+        plane = None
+        if reference is None:
+            data, axis = L.model_input(image)
+            full = list(L.input_plane_key(self.viewer, image))
+            lead_iter = iter(lead)
+            full = [next(lead_iter) if isinstance(k, int) else k for k in full]
+            from ..segment import read_plane
+
+            plane = read_plane(data, tuple(full), axis)
+        try:
+            return A.unpainted_objects(plane, ann, reference)
+        except Exception:  # only a warning: never block the tick on a failed estimate
+            return 0
 
     def set_slice_complete(self, complete: bool = True) -> None:
         """Declare the slice on screen fully annotated (or not)."""
@@ -352,11 +400,12 @@ class AnnotateWidget(QWidget):
         data = layer.data
         where = ""
         if data.size > _COUNT_LIMIT:
-            key = c.annotation_plane_key(data.shape, self._current_lead() or ())
+            key = L.annotation_plane_key(data.shape, self._current_lead() or ())
             data, where = data[key], " (this slice)"
         cells, background = count_annotation(data)
-        n_complete = len(c.complete_planes(layer))
-        text = f"{c.bold(str(cells))} cells, {c.bold(f'{background:,}')} background pixels{where}"
+        n_complete = len(A.complete_planes(layer))
+        text = (f"{_ui.bold(str(cells))} cells, {_ui.bold(f'{background:,}')} background "
+                f"pixels{where}")
         if n_complete:
             text += f"; {n_complete} fully annotated slice(s)"
         if cells == 0:
@@ -367,151 +416,19 @@ class AnnotateWidget(QWidget):
     # ------------------------------------------------------------ save / load
 
     def _ask_save(self) -> None:
-        image = self.image_layer()
-        start = ""
-        path = getattr(getattr(image, "source", None), "path", None)
-        if path:
-            start = str(Path(path).parent)
-        folder = QFileDialog.getExistingDirectory(self, "Save annotation into folder", start)
-        if folder:
-            self.save_to(folder)
+        _io.ask_save(self)
 
     def save_to(self, folder: str | Path, overwrite: bool | None = None) -> Path | None:
-        """Write ``<stem>_annotation.tif`` (+ sidecar JSON, + the image if it has no file).
-
-        ``overwrite=None`` asks before replacing files.
-        """
-        from .. import io
-
-        image, layer = self.image_layer(), self._checked_annotation()
-        if image is None or layer is None:
-            if image is None:
-                c.notify_error("no image layer to save the annotation with")
-            return None
-        if layer.data.shape != self._expected_shape(image):
-            c.notify_error(f"annotation shape {layer.data.shape} does not match the image "
-                           f"({self._expected_shape(image)}); nothing saved")
-            return None
-        folder = Path(folder)
-        stem = c.file_stem(image)
-        ann_path = folder / f"{stem}{ANNOTATION_SUFFIX}"
-        sidecar = folder / f"{stem}{SIDECAR_SUFFIX}"
-        source = getattr(getattr(image, "source", None), "path", None)
-        image_path = Path(source) if source else folder / f"{stem}.tif"
-        targets = [ann_path, sidecar] + ([] if source else [image_path])
-        existing = [p for p in targets if p.exists()]
-        if existing:
-            if overwrite is None:
-                overwrite = c.confirm(self, "Replace " + ", ".join(p.name for p in existing)
-                                      + f" in {folder}?")
-            if not overwrite:
-                c.notify_warning(f"not saved: {existing[0]} exists")
-                return None
-        folder.mkdir(parents=True, exist_ok=True)
-        if not source:
-            import tifffile
-
-            tifffile.imwrite(image_path, np.asarray(c.layer_array(image)))
-        io.write_labels(ann_path, layer.data, overwrite=True)
-        regions = c.find_regions_layer(self.viewer, image.name)
-        meta = {
-            "image": str(image_path.resolve()),
-            "image_layer": image.name,
-            "channel_axis": self.channel_combo.value(),
-            "conventions": {"0": "not annotated", "1": "background", ">=2": "one cell each"},
-            "complete_planes": [list(p) for p in sorted(c.complete_planes(layer))],
-            "complete_rectangles": [] if regions is None else
-            [np.asarray(s).tolist() for s, t in zip(regions.data, regions.shape_type,
-                                                    strict=True) if t == "rectangle"],
-        }
-        sidecar.write_text(json.dumps(meta, indent=1))
-        c.notify_info(f"saved {ann_path.name} in {folder}")
-        return ann_path
+        """Write ``<stem>_annotation.tif`` (+ sidecar JSON, + the image if it has no file);
+        ``overwrite=None`` asks before replacing files."""
+        return _io.save_to(self, folder, overwrite)
 
     def _ask_load(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load an annotation", "",
-                                              f"annotations (*{ANNOTATION_SUFFIX} *.tif *.tiff)")
-        if path:
-            self.load_from(path)
+        _io.ask_load(self)
 
     def load_from(self, path: str | Path) -> Labels | None:
         """Open a saved annotation with its image (reusing an open image layer)."""
-        from .. import io
-
-        path = Path(path)
-        stem = path.name[: -len(ANNOTATION_SUFFIX)] if path.name.endswith(ANNOTATION_SUFFIX) \
-            else path.name.split(".")[0]
-        sidecar = path.with_name(f"{stem}{SIDECAR_SUFFIX}")
-        meta: dict = {}
-        if sidecar.is_file():
-            try:
-                meta = json.loads(sidecar.read_text())
-            except (OSError, ValueError) as exc:
-                c.notify_warning(f"ignoring {sidecar.name} (unreadable: {exc})")
-        try:
-            annotation = np.asarray(io.read_image(path))
-            check_label_dtype(annotation.dtype)
-        except (OSError, ValueError) as exc:
-            c.notify_error(f"cannot read the annotation {path.name}: {exc}")
-            return None
-        channel_axis = meta.get("channel_axis")
-        image = self._open_image_for(stem, meta, path.parent)
-        new_image = image is None
-        if new_image:
-            candidates = [Path(meta["image"])] if meta.get("image") else []
-            candidates += [path.with_name(f"{stem}{ext}") for ext in (".tif", ".tiff", ".png")]
-            found = next((p for p in candidates if p.exists()), None)
-            if found is None:
-                c.notify_error(f"the image of {path.name} was not found (looked for "
-                               f"{', '.join(p.name for p in candidates)}); open it first")
-                return None
-            data = io.read_image(found)
-            from ..segment import output_shape
-
-            expected = output_shape(tuple(data.shape), channel_axis)
-        else:
-            data, found = None, None
-            expected = c.label_shape(image, channel_axis)
-        if annotation.shape != tuple(expected):
-            c.notify_error(f"annotation {path.name} has shape {annotation.shape} but its image "
-                           f"needs {tuple(expected)}; nothing loaded")
-            return None
-        if new_image:
-            image = self.viewer.add_image(data, name=meta.get("image_layer", stem))
-        if channel_axis is not None:
-            c.remember_channel_axis(image, channel_axis)
-        self.image_combo.set_layer(image)
-        self.channel_combo.set_value(channel_axis)
-        scale, translate = c.spatial_transform(image, channel_axis, annotation.ndim)
-        layer = self.viewer.add_labels(
-            annotation, name=c.free_name(self.viewer, annotation_name(image.name)),
-            scale=scale, translate=translate,
-            metadata={c.TAG: {"role": "annotation", "image": image.name,
-                              "complete_planes": [tuple(p) for p in
-                                                  meta.get("complete_planes", [])]}},
-        )
-        rects = meta.get("complete_rectangles") or []
-        if rects:
-            if c.find_regions_layer(self.viewer, image.name) is None:
-                self.viewer.add_shapes(
-                    [np.asarray(r) for r in rects], shape_type="rectangle",
-                    name=c.regions_layer_name(image.name), scale=scale, translate=translate,
-                    edge_color="yellow", face_color=[1, 1, 0, 0.08], edge_width=2,
-                    metadata={c.TAG: {"role": "complete_regions", "image": image.name}},
-                )
-            else:
-                c.notify_warning(f"{c.regions_layer_name(image.name)!r} exists already; "
-                                 "the saved complete regions were not added")
-        self.annotation_combo.set_layer(layer)
-        return layer
-
-    def _open_image_for(self, stem: str, meta: dict, folder: Path) -> Image | None:
-        """An image layer already open for this annotation, if any."""
-        wanted = {stem, meta.get("image_layer")}
-        for layer in self.viewer.layers:
-            if isinstance(layer, Image) and (layer.name in wanted or c.file_stem(layer) == stem):
-                return layer
-        return None
+        return _io.load_from(self, path)
 
 
 __all__ = ["AnnotateWidget", "count_annotation"]

@@ -13,7 +13,7 @@ from typing import Any
 from qtpy.QtWidgets import QFileDialog, QPushButton, QWidget
 
 from ..model import UNet
-from . import _common as c
+from . import _ui, _worker
 
 PACKAGE_FILTER = "bioimage.io package (*.zip)"
 
@@ -43,16 +43,16 @@ class ExportButton(QPushButton):
         """Start exporting to ``path``; returns the worker (None if nothing to export)."""
         model = self.get_model()
         if model is None:
-            c.notify_error("no model to export: train one or pick a model first")
+            _ui.notify_error("no model to export: train one or pick a model first")
             return None
         try:
             from ..bioimageio import export_model_iter
         except ImportError as exc:
-            c.notify_error(str(exc))
+            _ui.notify_error(str(exc))
             return None
         gen = export_model_iter(model, path, overwrite=overwrite)
         self.setEnabled(False)
-        self.worker = c.make_worker(
+        self.worker = _worker.make_worker(
             gen, yielded=lambda msg: self.setText(f"Exporting: {msg}…"),
             returned=self._done, errored=self._failed, finished=self._finished)
         if start:
@@ -60,13 +60,13 @@ class ExportButton(QPushButton):
         return self.worker
 
     def _done(self, result: Any) -> None:
-        if isinstance(result, c.Failure):
+        if isinstance(result, _worker.Failure):
             self._failed(result.error)
             return
-        c.notify_info(f"bioimage.io package written to {result}")
+        _ui.notify_info(f"bioimage.io package written to {result}")
 
     def _failed(self, exc: BaseException) -> None:
-        c.notify_error(f"export failed: {exc}")
+        _ui.notify_error(f"export failed: {exc}")
 
     def _finished(self) -> None:
         self.setText("Export to bioimage.io…")

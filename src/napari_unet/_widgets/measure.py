@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..measure import Table, measure, write_csv
-from . import _common as c
+from . import _layers, _ui
 
 NO_IMAGE = "(no intensities)"
 MAX_ROWS_SHOWN = 2000  # a Qt table with more rows gets slow; the CSV has them all
@@ -36,10 +36,10 @@ def measure_layer(labels: Labels, image: Image | None = None, *, mode: str = "pl
     channels (one intensity column per channel). The features get an ``index`` column (the
     label value), which napari uses to show an object's row under the mouse.
     """
-    data = c.layer_array(labels)
+    data = _layers.layer_array(labels)
     img, axis = None, None
     if image is not None:
-        img = c.layer_array(image)
+        img = _layers.layer_array(image)
         if img.ndim == data.ndim + 1:
             axis = next(i for i in range(img.ndim)
                         if img.shape[:i] + img.shape[i + 1:] == tuple(data.shape))
@@ -113,14 +113,14 @@ class MeasureWidget(QWidget):
         """Measure the picked layer, attach the features and fill the table."""
         labels = self._layer(self.labels_combo)
         if labels is None:
-            c.notify_error("no Labels layer to measure: segment an image first")
+            _ui.notify_error("no Labels layer to measure: segment an image first")
             return None
         image = self._layer(self.image_combo)
         mode = "3d" if self.mode_3d.isChecked() else "planes"
         try:
             table = measure_layer(labels, image, mode=mode)
         except ValueError as exc:
-            c.notify_error(f"cannot measure '{labels.name}': {exc}")
+            _ui.notify_error(f"cannot measure '{labels.name}': {exc}")
             return None
         self.table = table
         self.show_table(table)
@@ -152,7 +152,7 @@ class MeasureWidget(QWidget):
 
     def _ask_save(self) -> None:
         labels = self._layer(self.labels_combo)
-        stem = c.file_stem(labels) if labels is not None else "objects"
+        stem = _ui.file_stem(labels) if labels is not None else "objects"
         path, _ = QFileDialog.getSaveFileName(self, "Save measurements",
                                               f"{stem}_measurements.csv", "CSV (*.csv)")
         if path:
@@ -161,12 +161,12 @@ class MeasureWidget(QWidget):
 
     def save_csv(self, path: str | Path, *, overwrite: bool = False) -> Path | None:
         if self.table is None:
-            c.notify_error("nothing measured yet: press Measure first")
+            _ui.notify_error("nothing measured yet: press Measure first")
             return None
         try:
             out = write_csv(self.table, path, overwrite=overwrite)
         except (OSError, FileExistsError) as exc:
-            c.notify_error(f"could not save the table: {exc}")
+            _ui.notify_error(f"could not save the table: {exc}")
             return None
-        c.notify_info(f"measurements saved to {out}")
+        _ui.notify_info(f"measurements saved to {out}")
         return out

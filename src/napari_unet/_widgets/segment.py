@@ -1,21 +1,15 @@
 """Segment widget: run a model over an image layer (2D, Z/T stacks) in a worker thread.
 
-One click with the defaults segments the whole image with the bundled model. The result goes
-into the plugin's own Labels layer "<image> labels" (tagged in ``layer.metadata``), which a
-re-run replaces; a user's layer is never overwritten.
-
-Image layers may be lazy (dask, zarr, multiscale OME-Zarr: the full-resolution level is
-segmented); planes are read one at a time. Labels too large for memory are written plane by
-plane into a zarr store the user picks and shown as a lazy Labels layer. Stacks can be
-stitched into 3D objects along a chosen axis after the per-plane segmentation.
+Up front: the image, its channel, the model, whole stack or slice on screen, 3D objects,
+and Segment. Tiling, device, post-processing, the labels store and probabilities are under
+"Advanced" (forms generated from InferenceConfig / PostprocessConfig). The result goes into
+the plugin's own Labels layer "<image> labels", which a re-run replaces; a user's layer is
+never overwritten. Stacks default to linking the planes' cells into 3D objects along Z.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +22,16 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from .. import io
 from ..device import select_device
-from ..model import ModelFileError, UNet, check_channels
+from ..model import ModelFileError, UNet
+from ..params import ConfigError
 from ..postprocess import PostprocessConfig
 from ..segment import (
     InferenceConfig,
@@ -52,7 +44,11 @@ from ..segment import (
     segment_image,
 )
 from ..stitch import StitchProgress, stitch_planes_iter
-from . import _common as c
+from . import _layers as L
+from . import _ui
+from ._forms import ConfigForm, Settings
+from ._models import DEVICES, ModelPicker
+from ._worker import Job, JobRunner, warm_up
 
 WHOLE, CURRENT = "whole image / stack", "current slice"
 NO_STITCH = "no: objects per plane"
@@ -67,22 +63,38 @@ def memory_budget() -> int:
     return int(psutil.virtual_memory().available) // 4
 
 
-@dataclass
-class _SegmentJob:
-    image_name: str
-    channel_axis: int | None
-    scope: str
-    out: Any
-    probabilities: Any
-    key: tuple | None
-    store: Path | None = None
-    linking: bool = False  # stitching started: it runs to the end
-    stop: bool = False
-    last: SegmentProgress | None = None
-    started: float = field(default_factory=time.perf_counter)
+class _Written:
+    """Wraps the output array and records which planes the engine wrote (for Cancel)."""
 
-    def cancel(self) -> bool:
-        return self.stop
+    def __init__(self, out: Any) -> None:
+        self.out, self.planes = out, 0
+        self.shape, self.dtype, self.ndim = out.shape, out.dtype, out.ndim
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.out[key] = value
+        self.planes += 1
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.out[key]
+
+    def __getattr__(self, name: str) -> Any:  # attrs of a zarr store, chunks, ...
+        return getattr(self.out, name)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.out, dtype=dtype)
+
+
+class _SegmentJob(Job):
+    def __init__(self, image_name: str, channel_axis: int | None, scope: str, out: Any,
+                 probabilities: Any, key: tuple | None, store: Path | None,
+                 mode: str) -> None:
+        super().__init__()
+        self.image_name, self.channel_axis, self.scope = image_name, channel_axis, scope
+        self.out, self.probabilities, self.key, self.store = out, probabilities, key, store
+        self.mode = mode
+        self.linking = False  # stitching started: it runs to the end
+        self.written: Any = None  # the output wrapper counting finished planes
+        self.last: SegmentProgress | None = None
 
 
 def _segment_job(model: UNet, config: InferenceConfig, image: Any, *,
@@ -98,47 +110,46 @@ def _segment_job(model: UNet, config: InferenceConfig, image: Any, *,
     return out
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(_ui.TabbedDock, QWidget):
     """Segment an image layer with the bundled, a just fine-tuned or a file model."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
-        self.worker: Any = None
         self.job: _SegmentJob | None = None
-        self._live: dict[str, Any] = {}
 
-        d, p = InferenceConfig(), PostprocessConfig()
-        self.image_combo = c.LayerCombo(napari_viewer, (Image,))
-        self.channel_combo = c.ChannelAxisCombo()
-        self.model_picker = c.ModelPicker()
+        self.image_combo = L.LayerCombo(napari_viewer, (Image,))
+        self.channel_combo = L.ChannelPicker()
+        self.model_picker = ModelPicker()
         self.scope_combo = QComboBox()
         self.scope_combo.addItems([WHOLE, CURRENT])
-        # 0 shows "auto": tile and batch chosen from the device (InferenceConfig None).
-        self.tile_spin = _spin(0, 8192, d.tile or 0, 16,
-                               "tile size in pixels (a multiple of 16); auto: from the device")
-        self.tile_spin.setSpecialValueText("auto")
-        self.overlap_spin = _spin(2 * d.margin, 1024, d.overlap, 8,
-                                  f"overlap between tiles in pixels (at least {2 * d.margin})")
-        self.batch_spin = _spin(0, 256, d.batch_size or 0, 1,
-                                "tiles per forward pass; auto: from the device")
-        self.batch_spin.setSpecialValueText("auto")
-        self.device_combo = c.device_combo()
-        self.mode_combo = QComboBox()
-        self.mode_combo.addItems(["instances", "semantic"])
-        self.mode_combo.setToolTip("instances: one label per cell; semantic: 0 background, "
-                                   "1 interior, 2 boundary")
-        self.min_size_spin = _spin(0, 1_000_000, p.min_size, 4,
-                                   "objects smaller than this (pixels) are dropped")
-        self.probs_check = QCheckBox("Also add class probabilities (Image layer)")
         self.stitch_combo = QComboBox()
-        self.stitch_combo.setToolTip("link each plane's objects to the overlapping objects of "
-                                     "the neighbouring planes along this axis (3D objects)")
+        self.stitch_combo.setToolTip("link each plane's cells to the overlapping cells of the "
+                                     "neighbouring planes along this axis (3D objects)")
+        self.run_button = QPushButton("Segment")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("stop after the current tile; finished planes are kept "
+                                      "(untick 'keep finished planes' to discard them)")
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.status = _ui.StatusBox()
+
+        # Advanced: forms generated from the engine's configuration dataclasses.
+        self.inference_form = ConfigForm(
+            InferenceConfig, [], ["tile", "overlap", "batch_size", "device", "precision",
+                                  "blend", "margin"],
+            overrides={"device": {"widget_type": "ComboBox", "choices": list(DEVICES)}})
+        self.post_form = ConfigForm(PostprocessConfig, [],
+                                    ["mode", "min_size", "foreground_threshold",
+                                     "seed_threshold", "min_seed_size", "smooth_sigma",
+                                     "fill_holes"])
+        self.settings = Settings(self.inference_form, self.post_form)
         self.anisotropy_spin = QDoubleSpinBox()
         self.anisotropy_spin.setRange(0.01, 1000.0)
         self.anisotropy_spin.setDecimals(3)
         self.anisotropy_spin.setValue(1.0)
-        self.anisotropy_spin.setToolTip("voxel depth along the stitching axis / pixel size "
+        self.anisotropy_spin.setToolTip("voxel depth along the linking axis / pixel size "
                                         "(from the layer's scale); recorded with the labels")
         self.store_edit = QLineEdit()
         self.store_edit.setPlaceholderText("in memory")
@@ -148,91 +159,91 @@ class SegmentWidget(QWidget):
         store_button = QPushButton("…")
         store_button.setMaximumWidth(32)
         store_button.clicked.connect(self._ask_store)
-        store_row = QHBoxLayout()
+        self.store_box = QWidget()
+        store_row = QHBoxLayout(self.store_box)
         store_row.setContentsMargins(0, 0, 0, 0)
         store_row.addWidget(self.store_edit)
         store_row.addWidget(store_button)
-        self.store_box = QWidget()
-        self.store_box.setLayout(store_row)
+        self.probs_check = QCheckBox("Also add class probabilities (Image layer)")
+        self.keep_partial_check = QCheckBox("Keep finished planes when cancelled")
+        self.keep_partial_check.setChecked(True)
 
+        body = QWidget()
+        layout = _ui.scrolled(self, body)
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
-        form.addRow("Channel axis", self.channel_combo)
+        form.addRow("Channels", self.channel_combo)
         form.addRow("Model", self.model_picker)
         form.addRow("Segment", self.scope_combo)
-        form.addRow("Tile", self.tile_spin)
-        form.addRow("Overlap", self.overlap_spin)
-        form.addRow("Batch", self.batch_spin)
-        form.addRow("Device", self.device_combo)
-        form.addRow("Output", self.mode_combo)
-        form.addRow("Min size", self.min_size_spin)
         form.addRow("3D objects", self.stitch_combo)
-        form.addRow("Anisotropy", self.anisotropy_spin)
-        form.addRow("Labels store", self.store_box)
-        form.addRow(self.probs_check)
-
-        self.run_button = QPushButton("Segment")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
+        layout.addLayout(form)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1000)
-        self.progress.setValue(0)
-        self.status = QLabel("ready")
-        self.status.setWordWrap(True)
-
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
+        extra = QWidget()
+        extra_form = QFormLayout(extra)
+        extra_form.setContentsMargins(0, 0, 0, 0)
+        extra_form.addRow(self.inference_form.native(advanced=True))
+        extra_form.addRow(self.post_form.native(advanced=True))
+        extra_form.addRow("Anisotropy", self.anisotropy_spin)
+        extra_form.addRow("Labels store", self.store_box)
+        extra_form.addRow(self.probs_check)
+        extra_form.addRow(self.keep_partial_check)
+        self.advanced = _ui.Collapsible("Advanced settings", extra)
+        layout.addWidget(self.advanced)
+        # Hook for extra actions (e.g. export, measurements) added by other modules.
+        self.actions = QWidget()
+        QHBoxLayout(self.actions).setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.actions)
         layout.addStretch(1)
 
+        warm_up()
+        self.runner = JobRunner(self, self.run_button, self.cancel_button)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
-        self.channel_combo.currentIndexChanged.connect(self._on_channel_changed)
-        self.mode_combo.currentIndexChanged.connect(self._update_scope)
+        self.channel_combo.changed.connect(self._update_scope)
+        self.post_form["mode"].changed.connect(self._update_scope)
         self.scope_combo.currentIndexChanged.connect(self._update_scope)
         self.stitch_combo.currentIndexChanged.connect(self._update_anisotropy)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
-        self.destroyed.connect(functools.partial(_stop_live, self._live))
         self._on_image_changed()
+        _ui.fit_width(self)
+
+    # ------------------------------------------------------------ compatibility names
+
+    @property
+    def worker(self) -> Any:
+        return self.runner.worker
 
     # ------------------------------------------------------------ state
 
     def _on_image_changed(self, *_: Any) -> None:
         image = self.image_combo.layer()
-        shape = () if image is None or image.rgb else tuple(c.layer_array(image).shape)
-        self.channel_combo.set_shape(shape, c.default_channel_axis(image))
-        self._update_scope()
+        self.channel_combo.set_layer(image)
+        self._update_scope(default_link=True)
+        if not self.is_running():
+            self.status.set(L.stack_hint(image) or "ready")
 
-    def _on_channel_changed(self, *_: Any) -> None:
+    def _update_scope(self, *_: Any, default_link: bool = False) -> None:
         image = self.image_combo.layer()
-        if image is not None and not image.rgb:
-            c.remember_channel_axis(image, self.channel_combo.value())
-        self._update_scope()
-
-    def _update_scope(self, *_: Any) -> None:
-        image = self.image_combo.layer()
-        shape = () if image is None or image.rgb else \
-            c.label_shape(image, self.channel_combo.value())
+        shape = () if image is None else L.label_shape(image)
         stack = len(shape) > 2
         self.scope_combo.setEnabled(stack)
         whole = not stack or self.scope_combo.currentText() == WHOLE
-        instances = self.mode_combo.currentText() == "instances"
-        self.min_size_spin.setEnabled(instances)
-        # The stitching axis is a leading axis of the labels; default: the one just before
-        # Y (Z of a ZYX or TZYX stack).
+        instances = self.post_form["mode"].value == "instances"
+        self.post_form["min_size"].enabled = instances
         previous = self.stitch_combo.currentData()
         self.stitch_combo.blockSignals(True)
         self.stitch_combo.clear()
         self.stitch_combo.addItem(NO_STITCH, None)
         for axis in range(len(shape) - 2):
             self.stitch_combo.addItem(f"link planes along axis {axis} ({shape[axis]})", axis)
-        if previous is not None and previous < len(shape) - 2:
-            self.stitch_combo.setCurrentIndex(previous + 1)
+        choice = _z_axis(image, shape) if default_link else previous
+        if choice is not None and choice < len(shape) - 2:
+            self.stitch_combo.setCurrentIndex(choice + 1)
         self.stitch_combo.blockSignals(False)
         self.stitch_combo.setEnabled(stack and whole and instances)
         self.store_box.setEnabled(whole)
@@ -243,8 +254,8 @@ class SegmentWidget(QWidget):
         self.anisotropy_spin.setEnabled(axis is not None and self.stitch_combo.isEnabled())
         if image is None or axis is None:
             return
-        ndim = len(c.label_shape(image, self.channel_combo.value()))
-        scale, _ = c.spatial_transform(image, self.channel_combo.value(), ndim)
+        ndim = len(L.label_shape(image))
+        scale, _ = L.spatial_transform(image, L.default_channel_axis(image), ndim)
         self.anisotropy_spin.setValue(float(scale[axis]) / float(scale[-1]))
 
     def _ask_store(self) -> None:
@@ -254,57 +265,62 @@ class SegmentWidget(QWidget):
             self.store_edit.setText(path if path.endswith(".zarr") else f"{path}.zarr")
 
     def is_running(self) -> bool:
-        return self.worker is not None
+        return self.runner.running()
 
     # ------------------------------------------------------------ run
+
+    def _fail(self, message: str) -> None:
+        self.status.error(message)
+        return None
 
     def run(self) -> Any:
         """Validate the inputs and start segmenting in a worker; returns it (or None)."""
         if self.is_running():
-            c.notify_warning("a segmentation is already running; cancel it first")
+            _ui.notify_warning("a segmentation is already running: press Cancel first")
             return None
+        self.status.clear_for_run("checking the settings…")
+        self.progress.setValue(0)
         image = self.image_combo.layer()
-        problem = c.image_problem(image)
+        problem = L.image_problem(image)
         if problem:
-            c.notify_error(problem)
-            return None
-        data = c.layer_array(image)
+            return self._fail(problem)
+        data, axis = L.model_input(image)
         shape = tuple(data.shape)
-        axis = self.channel_combo.value()
         try:
+            config = self.inference_form.build()
+            post = self.post_form.build()
             check_image(shape, axis, repr(image.name))
             model = self.model_picker.model()
-            check_channels(model.config.in_channels, 1 if axis is None else shape[axis],
-                           f"image {image.name!r}")
-            select_device(self.device_combo.currentText())
+            select_device(config.device)
+        except ConfigError as exc:
+            return self._fail(f"{exc}: change it under 'Advanced settings'")
         except (ModelFileError, FileNotFoundError, ValueError) as exc:
-            c.notify_error(str(exc))
-            return None
-        config = InferenceConfig(tile=self.tile_spin.value() or None,
-                                 overlap=self.overlap_spin.value(),
-                                 batch_size=self.batch_spin.value() or None,
-                                 device=self.device_combo.currentText())
-        if (config.tile is not None and (config.tile % model.config.divisor
-                                         or config.overlap >= config.tile)) or \
-                config.overlap < 2 * config.margin:
-            c.notify_error(f"tile ({config.tile}) must be a multiple of "
-                           f"{model.config.divisor} and larger than the overlap "
-                           f"({config.overlap}), which must be at least {2 * config.margin}")
-            return None
-        post = PostprocessConfig(mode=self.mode_combo.currentText(),
-                                 min_size=self.min_size_spin.value())
+            return self._fail(str(exc))
+        n_in = L.model_channels(image)
+        if model.config.in_channels != n_in:
+            return self._fail(
+                f"the model {self.model_picker.label()!r} takes {model.config.in_channels} "
+                f"channel(s) but 'Channels' gives {n_in} from {image.name!r}: choose one "
+                "channel (or their mean) under 'Channels', or a model trained on "
+                f"{n_in} channels under 'Model'")
+        div = model.config.divisor
+        if config.tile is not None and config.tile % div:
+            return self._fail(
+                f"'tile' ({config.tile}) must be a multiple of {div} for the model "
+                f"{self.model_picker.label()!r}: set 'Advanced settings > tile' to "
+                f"{max(config.tile // div, 1) * div}")
         out_shape = output_shape(shape, axis)
         scope = CURRENT if self.scope_combo.isEnabled() and \
             self.scope_combo.currentText() == CURRENT else WHOLE
         want_probs = self.probs_check.isChecked()
-        n_classes = model.config.n_classes
         stitch_axis = self.stitch_combo.currentData() if self.stitch_combo.isEnabled() else None
         stitch = None if stitch_axis is None else {
             "axis": stitch_axis, "anisotropy": self.anisotropy_spin.value()}
         store = Path(self.store_edit.text()).expanduser() \
             if scope == WHOLE and self.store_edit.text().strip() else None
+        n_classes = model.config.n_outputs  # class probabilities (+ the distance map)
         if scope == CURRENT:
-            key = c.plane_key(self.viewer, image, axis)
+            key = L.input_plane_key(self.viewer, image)
             out, probs, planes = PlaneSink(), PlaneSink() if want_probs else None, [key]
         else:
             key, planes = None, None
@@ -312,57 +328,50 @@ class SegmentWidget(QWidget):
             if out is None:
                 return None
             probs = np.zeros((n_classes, *out_shape), np.float32) if want_probs else None
-        self.job = job = _SegmentJob(image.name, axis, scope, out, probs, key, store=store)
-        gen = _segment_job(model, config, data, channel_axis=axis, postprocess=post, out=out,
-                           probabilities_out=probs, planes=planes, cancel=job.cancel,
-                           stitch=stitch)
-        worker = c.make_worker(gen, yielded=self._on_progress, returned=self._on_returned,
-                               errored=self._on_error, finished=self._on_finished)
-        self.worker = worker
-        self._live.update(job=job, worker=worker)
-        self.progress.setValue(0)
-        self.status.setText("loading the model…")
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        worker.start()
-        return worker
+        written = _Written(out) if scope == WHOLE else out
+        job = _SegmentJob(image.name, axis, scope, out, probs, key, store, post.mode)
+        job.written = written
+        self.job = job
+        gen = _segment_job(model, config, data, channel_axis=axis, postprocess=post,
+                           out=written, probabilities_out=probs, planes=planes,
+                           cancel=job.cancel, stitch=stitch)
+        self.status.set("loading the model…")
+        return self.runner.start(job, gen, on_progress=self._on_progress,
+                                 on_done=self._on_returned, on_failure=self._on_error)
 
     def _whole_output(self, image_name: str, shape: tuple[int, ...], store: Path | None,
                       want_probs: bool, n_classes: int) -> Any:
         """The array the whole image's labels go into: in memory, or the chosen zarr store
-        (None, after a notification, when neither works)."""
+        (None, after an error in the status, when neither works)."""
         need = int(np.prod(shape, dtype=np.int64)) * (4 + 4 * n_classes * want_probs)
         if store is None:
             if need > memory_budget():
-                c.notify_error(
+                return self._fail(
                     f"the labels of {image_name!r} (shape {shape}) need {need / 2**30:.1f} "
-                    "GiB, more than a quarter of the free memory: pick a .zarr folder under "
-                    "'Labels store' to write them to disk plane by plane"
-                    + (" (without class probabilities)" if want_probs else ""))
-                return None
+                    "GiB, more than a quarter of the free memory: under 'Advanced settings' "
+                    "pick a .zarr folder as 'Labels store' (press '…') to write them to disk "
+                    "plane by plane" + (", and untick class probabilities" if want_probs
+                                        else ""))
             return np.zeros(shape, np.int32)
         if want_probs:
-            c.notify_error("class probabilities are only kept in memory: untick them to "
-                           "write the labels into a store")
-            return None
+            return self._fail("class probabilities are only kept in memory: untick 'Also "
+                              "add class probabilities' to write the labels into a store")
         if store.suffix.lower() != ".zarr":
-            c.notify_error(f"the labels store must be a folder ending in .zarr, not {store}")
-            return None
+            return self._fail(f"the labels store must be a folder ending in .zarr, not "
+                              f"{store}: change 'Labels store' under 'Advanced settings'")
         overwrite = store.exists()
-        if overwrite and not c.confirm(self, f"{store} exists. Replace it?"):
-            c.notify_warning(f"{store} exists: pick another labels store")
+        if overwrite and not _ui.confirm(self, f"{store} exists. Replace it?"):
+            self.status.warning(f"{store} exists and was kept: pick another 'Labels store'")
             return None
         try:
             return io.create_label_store(store, shape, np.int32, overwrite=overwrite)
         except (OSError, ValueError) as exc:
-            c.notify_error(f"cannot create the labels store {store}: {exc}")
-            return None
+            return self._fail(f"cannot create the labels store {store}: {exc}")
 
     def cancel(self) -> None:
-        """Stop after the current tile; planes already done are kept."""
-        if self.job is not None:
-            self.job.stop = True
-            self.status.setText("cancelling…")
+        """Stop after the current tile; finished planes are kept or discarded (see status)."""
+        if self.runner.stop():
+            self.status.set("cancelling after the current tile…")
 
     # ------------------------------------------------------------ worker signals
 
@@ -371,54 +380,66 @@ class SegmentWidget(QWidget):
             if self.job is not None:
                 self.job.linking = True
             self.progress.setValue(int(round(1000 * p.fraction)))
-            self.status.setText(f"linking planes into 3D objects: {p.step}/{p.total} "
-                                "plane reads (runs to the end once started)")
+            self.status.set(f"linking planes into 3D objects: {p.step}/{p.total} plane "
+                            "reads (runs to the end once started)")
             return
         if self.job is not None:
             self.job.last = p
         self.progress.setValue(int(round(1000 * p.fraction)))
         left = p.elapsed / p.fraction * (1 - p.fraction) if p.fraction > 0 else float("inf")
-        self.status.setText(f"plane {p.plane + 1}/{p.n_planes} · tile {p.tiles_done}/"
-                            f"{p.tiles_total} · ETA {c.format_seconds(left)}")
+        self.status.set(f"plane {p.plane + 1}/{p.n_planes} · tile {p.tiles_done}/"
+                        f"{p.tiles_total} · ETA {_ui.format_seconds(left)}")
 
     def _on_returned(self, out: Any) -> None:
-        if isinstance(out, c.Failure):
-            self._on_error(out.error)
-            return
         job = self.job
         if job is None or job.image_name not in self.viewer.layers:
-            c.notify_warning("the image layer was removed; the segmentation was discarded")
+            self.status.warning("the image layer was removed: the segmentation was "
+                                "discarded")
             return
+        if isinstance(out, _Written):
+            out = out.out
         image = self.viewer.layers[job.image_name]
+        cancelled = job.stop and not job.linking
         if job.scope == CURRENT:
             labels, probs = self._merge_plane(image, job)
             if labels is None:
-                self.status.setText("cancelled: nothing changed")
+                self.status.set("cancelled before the slice was finished: no layer changed")
                 return
         else:
             labels, probs = out, job.probabilities
-        layer = c.put_output(self.viewer, labels, image, "labels", channel_axis=job.channel_axis)
+            if cancelled:
+                finished, total = job.written.planes, job.last.n_planes if job.last else 0
+                if not self.keep_partial_check.isChecked() or finished == 0:
+                    where = f"; {job.store} holds {finished} finished plane(s)" \
+                        if job.store is not None and finished else ""
+                    self.status.set(f"cancelled after {finished} of {total} plane(s): "
+                                    f"discarded, no layer added or changed{where}")
+                    return
+        if job.store is None and isinstance(labels, np.ndarray):
+            labels = L.compact_labels(labels)
+        layer_axis = L.default_channel_axis(image)  # the layer's scale includes this axis
+        layer = L.put_output(self.viewer, labels, image, "labels", channel_axis=layer_axis)
         if probs is not None:
-            c.put_output(self.viewer, probs, image, "probabilities", kind="image",
-                         channel_axis=job.channel_axis, colormap="magma",
+            L.put_output(self.viewer, probs, image, "probabilities", kind="image",
+                         channel_axis=layer_axis, colormap="magma",
                          contrast_limits=(0.0, 1.0), visible=False)
-        elapsed = time.perf_counter() - job.started
-        done = job.last.plane + 1 if job.last else 0
-        n = job.last.n_planes if job.last else 0
-        cancelled = job.stop and not job.linking
-        prefix = f"cancelled after {done - 1} of {n} plane(s); kept those" if cancelled \
-            else f"done in {c.format_seconds(elapsed)}"
         if job.store is not None:
             # Counting would read the whole store back: just say where the labels are.
             detail = f"written to {job.store}"
         else:
             top = int(labels.max()) if labels.size else 0
             what = "3D objects" if job.linking else \
-                "cells" if self.mode_combo.currentText() == "instances" else "max class"
+                "cells" if job.mode == "instances" else "max class"
             detail = f"{what}: {top}"
-        self.status.setText(f"{prefix}: {layer.name!r} ({detail})")
-        if not cancelled:
-            self.progress.setValue(1000)
+        if cancelled and job.scope == WHOLE:
+            finished, total = job.written.planes, job.last.n_planes if job.last else 0
+            self.status.set(f"cancelled after {finished} of {total} plane(s): kept the "
+                            f"finished planes in {layer.name!r}, the other "
+                            f"{total - finished} are empty (0), not linked in 3D ({detail})")
+            return
+        elapsed = time.perf_counter() - job.started
+        self.status.set(f"done in {_ui.format_seconds(elapsed)}: {layer.name!r} ({detail})")
+        self.progress.setValue(1000)
 
     def _merge_plane(self, image: Any, job: _SegmentJob) -> tuple[Any, Any]:
         """Write one segmented plane into our labels layer (or a new one of full shape)."""
@@ -427,11 +448,11 @@ class SegmentWidget(QWidget):
         plane = job.out.get(out_key)
         if plane is None:
             return None, None
-        out_shape = output_shape(tuple(c.layer_array(image).shape), job.channel_axis)
-        own = c.owned_layer(self.viewer, "labels", image.name)
+        out_shape = L.label_shape(image)
+        own = L.owned_layer(self.viewer, "labels", image.name)
         if own is not None and tuple(own.data.shape) == out_shape:
-            labels = own.data
-            if plane.max() > 0 and self.mode_combo.currentText() == "instances":
+            labels = np.asarray(own.data).astype(np.int32)  # room for new ids
+            if plane.max() > 0 and job.mode == "instances":
                 labels[out_key] = 0
                 offset = int(labels.max())  # keep ids unique across slices
                 plane = np.where(plane > 0, plane + offset, 0)
@@ -442,7 +463,7 @@ class SegmentWidget(QWidget):
         plane_probs = job.probabilities.get((slice(None), *out_key)) \
             if isinstance(job.probabilities, PlaneSink) else None
         if plane_probs is not None:
-            own_p = c.owned_layer(self.viewer, "probabilities", image.name)
+            own_p = L.owned_layer(self.viewer, "probabilities", image.name)
             shape = (plane_probs.shape[0], *out_shape)
             probs = own_p.data if own_p is not None and own_p.data.shape == shape \
                 else np.zeros(shape, np.float32)
@@ -450,34 +471,20 @@ class SegmentWidget(QWidget):
         return labels, probs
 
     def _on_error(self, exc: BaseException) -> None:
-        message = f"segmentation failed: {exc}"
-        self.status.setText(message)
-        c.notify_error(message)
-
-    def _on_finished(self) -> None:
-        self.worker = None
-        self._live.clear()
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        name = self.job.image_name if self.job else "the image"
+        self.status.error(f"segmenting {name!r} failed: {_ui.gui_message(str(exc))}")
 
 
-def _spin(lo: int, hi: int, value: int, step: int, tip: str) -> QSpinBox:
-    spin = QSpinBox()
-    spin.setRange(lo, hi)
-    spin.setSingleStep(step)
-    spin.setValue(value)
-    spin.setToolTip(tip)
-    return spin
-
-
-def _stop_live(live: dict[str, Any], *_: Any) -> None:
-    """Cancel a running job when its widget is destroyed (holds no reference to the widget)."""
-    job, worker = live.get("job"), live.get("worker")
-    if job is not None:
-        job.stop = True
-    if worker is not None:
-        with contextlib.suppress(RuntimeError):
-            worker.quit()
+def _z_axis(image: Any, shape: tuple[int, ...]) -> int | None:
+    """The leading axis to link 3D objects along by default: the one just before Y,
+    unless the layer names it as time."""
+    if image is None or len(shape) < 3:
+        return None
+    axis = len(shape) - 3
+    labels = [str(a).lower() for a in getattr(image, "axis_labels", ())][-len(shape):]
+    if len(labels) == len(shape) and labels[axis] in ("t", "time"):
+        return None
+    return axis
 
 
 __all__ = ["SegmentWidget"]

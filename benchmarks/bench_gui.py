@@ -1,0 +1,239 @@
+"""GUI thread budget: event-loop gaps while the widgets train and segment.
+
+Opens the demo viewer (sample + its annotation + the three docks) at 1600 x 1000 under the
+current display (use ``xvfb-run -a -s "-screen 0 1600x1000x24"`` without one), starts
+``--load`` busy processes (``python -c 'while True: pass'``) and records a 10 ms QTimer's
+ticks while
+
+1. the Train widget fine-tunes the bundled model on the sample (live preview on),
+2. the Segment widget segments the sample (256 x 256),
+3. the Segment widget segments a 2048 x 2048 plane (the result's layer update included).
+
+Each phase lasts from the click until the widget is idle again plus half a second, so the
+receipt of the result is inside the window. Prints the largest gap and the 99th percentile
+of the gaps between ticks (the timer's own period is 10 ms: a gap of 10-12 ms is no stall),
+also without the gaps in which napari adds a layer (``*_no_add``: a fixed cost of napari's
+canvas, not of the plugin), and first the same figures for the idle viewer: the floor the
+machine's load sets. Targets (issue 12): max < 100 ms and p99 < 50 ms.
+
+    python benchmarks/bench_gui.py [--quick | --smoke] [--load 1] [--steps N] [--big 2048]
+
+The same script drives older widget code (``PYTHONPATH=<old checkout>/src``) so a before /
+after comparison uses the same scenario. On a shared machine other users' jobs add to the
+load: the JSON records the cores other processes used (``noise``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from _common import (
+    NoiseMonitor,
+    base_parser,
+    emit,
+    machine_info,
+    mode_of,
+    nuclei_plane,
+    out_path,
+    pick,
+    table,
+    write_json,
+)
+
+TICK_MS = 10
+
+
+class Ticks:
+    """Timestamps of a fast QTimer: the gaps between them are the event loop's stalls."""
+
+    def __init__(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.stamps: list[float] = []
+        self.timer = QTimer()
+        self.timer.setInterval(TICK_MS)
+        self.timer.timeout.connect(lambda: self.stamps.append(time.perf_counter()))
+
+    def __enter__(self) -> Ticks:
+        self.stamps.clear()
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.stop()
+
+    def summary(self) -> dict[str, float]:
+        gaps = np.diff(self.stamps) * 1000 if len(self.stamps) > 1 else np.zeros(1)
+        return {"ticks": len(self.stamps), "max_ms": round(float(gaps.max()), 1),
+                "p99_ms": round(float(np.percentile(gaps, 99)), 1),
+                "median_ms": round(float(np.median(gaps)), 1),
+                "over_100ms": int((gaps > 100).sum())}
+
+
+def _pump_until(done: Any, timeout: float) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    end = time.perf_counter() + timeout
+    while not done():
+        if time.perf_counter() > end:
+            raise TimeoutError("the widget did not finish in time")
+        app.processEvents()
+        time.sleep(0.002)
+
+
+def _pump(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    _pump_until(lambda: time.perf_counter() > end, seconds + 1)
+
+
+def _configure(widget: Any, **values: Any) -> None:
+    """Set widget settings through the current API (forms) or the older one (spin boxes)."""
+    if hasattr(widget, "settings"):
+        widget.settings.set(**values)
+        return
+    names = {"steps": "steps_spin", "device": "device_combo"}
+    for key, value in values.items():
+        control = getattr(widget, names[key])
+        if isinstance(value, str):
+            control.setCurrentText(value)
+        else:
+            control.setValue(value)
+
+
+class Trace:
+    """Wall-clock intervals of napari adding a layer (a fixed cost of napari and its OpenGL
+    canvas, about 0.3-0.7 s under Xvfb's software rendering), to tell those gaps apart."""
+
+    def __init__(self) -> None:
+        self.intervals: list[tuple[float, float]] = []
+
+    def install(self, viewer: Any) -> None:
+        cls = type(viewer)  # a pydantic model: patch the class, not the instance
+        for kind in ("add_labels", "add_image"):
+            original = getattr(cls, kind)
+
+            def timed(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.intervals.append((t0, time.perf_counter()))
+
+            setattr(cls, kind, timed)
+
+    def excluding(self, stamps: list[float]) -> dict[str, float]:
+        """Gap figures without the gaps that contain a layer being added."""
+        gaps = []
+        for a, b in zip(stamps[:-1], stamps[1:], strict=True):
+            if not any(t0 < b and t1 > a for t0, t1 in self.intervals):
+                gaps.append(b - a)
+        g = np.asarray(gaps or [0.0]) * 1000
+        return {"max_ms_no_add": round(float(g.max()), 1),
+                "p99_ms_no_add": round(float(np.percentile(g, 99)), 1)}
+
+
+def _phase(name: str, start: Any, busy: Any, timeout: float, trace: Trace) -> dict[str, Any]:
+    with Ticks() as ticks:
+        t0 = time.perf_counter()
+        if start() is None:
+            raise RuntimeError(f"{name}: the widget did not start")
+        _pump_until(lambda: not busy(), timeout)
+        wall = time.perf_counter() - t0
+        _pump(0.5)
+    row = {"phase": name, "wall_s": round(wall, 1), **ticks.summary(),
+           **trace.excluding(ticks.stamps)}
+    print(row, flush=True)
+    return row
+
+
+def _idle(seconds: float, trace: Trace) -> dict[str, Any]:
+    """The floor: gaps of an idle viewer under the same load (the OS scheduler's share)."""
+    with Ticks() as ticks:
+        _pump(seconds)
+    row = {"phase": f"idle viewer ({seconds:g} s)", "wall_s": seconds, **ticks.summary(),
+           **trace.excluding(ticks.stamps)}
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    p = base_parser(__doc__)
+    p.add_argument("--load", type=int, default=1, help="busy processes started alongside")
+    p.add_argument("--steps", type=int, default=None, help="training steps")
+    p.add_argument("--big", type=int, default=None, help="side of the large plane")
+    p.add_argument("--label", default="", help="free text stored with the results "
+                   "(e.g. 'before' / 'after')")
+    args = p.parse_args()
+    mode = mode_of(args)
+    steps = args.steps or pick(mode, smoke=3, quick=30, normal=60)
+    big = args.big or pick(mode, smoke=512, quick=2048, normal=2048)
+
+    import napari
+    import torch
+
+    from napari_unet._widgets.demo import open_demo_viewer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.load)]
+    rows = []
+    t_start = time.perf_counter()
+    try:
+        with NoiseMonitor() as noise:
+            viewer = napari.Viewer(title="bench_gui")
+            viewer.window._qt_window.resize(1600, 1000)
+            demo = open_demo_viewer(viewer)
+            train, segment = demo.widgets["Train"], demo.widgets["Segment"]
+            image = viewer.layers["nuclei"]
+            trace = Trace()
+            trace.install(viewer)
+            # The widgets import torch's and the engine's heavy modules in the background
+            # when they open (see napari_unet._widgets._worker.warm_up): let that finish,
+            # as it does while a user paints, before measuring.
+            warm = getattr(sys.modules.get("napari_unet._widgets._worker"), "_warm", [])
+            _pump_until(lambda: not any(t.is_alive() for t in warm), 120)
+            _pump(1.0)
+            rows.append(_idle(pick(mode, smoke=1.0, normal=5.0), trace))
+
+            demo.docks["Train"].raise_()
+            _configure(train, steps=steps, device=args.device)
+            rows.append(_phase(f"train {steps} steps (sample, preview on)", train.start,
+                               train.is_running, 1800, trace))
+            demo.docks["Segment"].raise_()
+            _configure(segment, device=args.device)
+            segment.image_combo.set_layer(image)
+            rows.append(_phase("segment sample 256x256", segment.run, segment.is_running,
+                               600, trace))
+            viewer.add_image(nuclei_plane(big, seed=1), name="big")
+            segment.image_combo.set_layer(viewer.layers["big"])
+            _pump(0.5)
+            rows.append(_phase(f"segment {big}x{big}", segment.run, segment.is_running,
+                               1800, trace))
+            viewer.close()
+    finally:
+        for proc in load:
+            proc.kill()
+            proc.wait()
+    text = table(rows, ["phase", "wall_s", "ticks", "max_ms", "p99_ms", "median_ms",
+                        "over_100ms", "max_ms_no_add", "p99_ms_no_add"],
+                 f"event-loop gaps ({TICK_MS} ms timer; {args.load} busy process(es)"
+                 f"{'; ' + args.label if args.label else ''})")
+    emit(text)
+    write_json(out_path(args, "bench_gui"), {
+        "benchmark": "bench_gui", "mode": mode, "machine": machine_info(),
+        "noise": noise.summary(),
+        "config": {"steps": steps, "big": big, "load": args.load, "tick_ms": TICK_MS,
+                   "label": args.label, "napari": napari.__version__},
+        "tables": text, "phases": rows, "wall_s": round(time.perf_counter() - t_start, 1),
+        "targets": {"max_ms": 100, "p99_ms": 50},
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Annotation bookkeeping: which layer annotates which image, the regions and slices
+declared fully annotated, and a check for cells left unpainted in such a region."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._layers import TAG, annotation_plane_key
+
+# ---------------------------------------------------------------- annotation bookkeeping
+
+
+def annotation_meta(layer: Any) -> dict:
+    """The plugin's metadata dict of an annotation layer (created when missing)."""
+    meta = layer.metadata.get(TAG)
+    if not isinstance(meta, dict):
+        meta = {"role": "annotation"}
+        layer.metadata[TAG] = meta
+    return meta
+
+
+def complete_planes(layer: Any) -> set[tuple[int, ...]]:
+    """Leading indices of the planes declared fully annotated (``()`` for a 2D image)."""
+    meta = layer.metadata.get(TAG)
+    if not isinstance(meta, dict):
+        return set()
+    return {tuple(p) for p in meta.get("complete_planes", [])}
+
+
+def set_plane_complete(layer: Any, lead: tuple[int, ...], complete: bool) -> None:
+    planes = complete_planes(layer)
+    if complete:
+        planes.add(tuple(lead))
+    else:
+        planes.discard(tuple(lead))
+    annotation_meta(layer)["complete_planes"] = sorted(planes)
+
+
+def regions_layer_name(image_name: str) -> str:
+    return f"{image_name} complete regions"
+
+
+def find_regions_layer(viewer: Any, image_name: str) -> Any | None:
+    """The Shapes layer holding an image's fully-annotated rectangles, if any."""
+    from napari.layers import Shapes
+
+    name = regions_layer_name(image_name)
+    if name in viewer.layers and isinstance(viewer.layers[name], Shapes):
+        return viewer.layers[name]
+    return None
+
+
+def complete_mask(viewer: Any, image_name: str, annotation: Any) -> np.ndarray | None:
+    """Bool mask (annotation shape) of the pixels declared fully annotated, or None."""
+    shape = tuple(annotation.data.shape)
+    mask = None
+    regions = find_regions_layer(viewer, image_name)
+    if regions is not None and len(regions.data):
+        if regions.ndim != len(shape):
+            raise ValueError(
+                f"the complete-regions layer {regions.name!r} has {regions.ndim} dimensions "
+                f"but the annotation has {len(shape)}; delete it and draw the rectangles again"
+            )
+        mask = np.asarray(regions.to_masks(shape)).any(axis=0)
+    planes = complete_planes(annotation)
+    if planes:
+        mask = np.zeros(shape, bool) if mask is None else mask
+        for lead in planes:
+            if len(lead) == len(shape) - 2:
+                mask[annotation_plane_key(shape, lead)] = True
+    return mask
+
+
+def annotation_of(layer: Any) -> str | None:
+    """The image name a Labels layer annotates (tagged by the Annotate widget, or by name)."""
+    meta = layer.metadata.get(TAG)
+    if isinstance(meta, dict):
+        return meta.get("image") if meta.get("role") == "annotation" else None
+    if layer.name.endswith(" annotation"):
+        return layer.name[: -len(" annotation")]
+    return None
+
+
+def unpainted_objects(plane: np.ndarray | None, annotation: np.ndarray,
+                      reference: np.ndarray | None = None, min_size: int = 16) -> int:
+    """How many objects of a plane have no painted pixel in the annotation.
+
+    Objects come from ``reference`` (e.g. the plugin's segmentation of the image) when given,
+    else from the (bright-object) plane: Otsu threshold, then one object per peak of the
+    smoothed distance to the background, so touching nuclei count separately. A rough
+    count, only used to warn before a sparse annotation is declared fully annotated.
+    """
+    from scipy import ndimage
+
+    painted = np.asarray(annotation) >= 2
+    if reference is not None:
+        reference = np.asarray(reference)
+        ids, sizes = np.unique(reference[reference > 0], return_counts=True)
+        big = set(ids[sizes >= min_size].tolist())
+        return len(big - set(np.unique(reference[painted]).tolist()))
+    from skimage.feature import peak_local_max
+    from skimage.filters import threshold_otsu
+
+    values = np.asarray(plane, np.float32)
+    if values.ndim == 3:  # channels first
+        values = values.mean(0)
+    if not np.isfinite(values).all() or values.max() <= values.min():
+        return 0
+    mask = ndimage.binary_opening(values > threshold_otsu(values))
+    dist = ndimage.gaussian_filter(ndimage.distance_transform_edt(mask), 1)
+    blobs, _ = ndimage.label(mask)
+    peaks = peak_local_max(dist, min_distance=4, labels=blobs, exclude_border=False)
+    return int(sum(not painted[y, x] and dist[y, x] ** 2 * np.pi >= min_size
+                   for y, x in peaks))
