@@ -9,7 +9,7 @@ import torch
 import zarr
 
 from napari_unet.blocks import needs_blocks, segment_plane_blocks
-from napari_unet.model import load_model
+from napari_unet.model import ModelConfig, UNet, load_model
 from napari_unet.postprocess import PostprocessConfig, labels_from_probs
 from napari_unet.segment import InferenceConfig, Predictor
 from napari_unet.tiling import drain
@@ -121,3 +121,29 @@ def _iter(gen):
             yield stop.value, last
             return
         last = p
+
+
+def test_segment_image_takes_planes_over_the_budget_block_by_block(monkeypatch):
+    """The engine's stack loop (CLI, batch runner, widgets) sends a plane larger than the
+    memory budget through the blocks path, with the same objects as the whole-plane path."""
+    from napari_unet import blocks as blocks_mod
+    from napari_unet.evaluate import evaluate_pair
+    from napari_unet.segment import segment_image
+
+    image = blobs((300, 300), 40, seed=3)
+    predictor = Pointwise(UNet(ModelConfig(depth=3, base_channels=8)),
+                          InferenceConfig(tile=64, overlap=32, device="cpu"))
+    whole = drain(segment_image(image, predictor))
+    calls = []
+    real = blocks_mod.segment_plane_blocks
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, block=128, halo=48, **{k: v for k, v in kwargs.items()
+                                                 if k not in ("block", "halo")})
+
+    monkeypatch.setattr(blocks_mod, "PLANE_BUDGET_PIXELS", 200 * 200)
+    monkeypatch.setattr(blocks_mod, "segment_plane_blocks", spy)
+    blocked = drain(segment_image(image, predictor))
+    assert calls == [(300, 300)]
+    assert evaluate_pair(blocked, whole)["ap"] > 0.95

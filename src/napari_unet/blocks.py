@@ -49,9 +49,11 @@ DEFAULT_HALO = 128
 PLANE_BUDGET_PIXELS = 4096 * 4096
 
 
-def needs_blocks(shape: tuple[int, ...], budget_pixels: int = PLANE_BUDGET_PIXELS) -> bool:
-    """Whether a plane of this shape ((H, W) or (C, H, W)) exceeds the in-memory budget."""
-    return int(shape[-2]) * int(shape[-1]) > budget_pixels
+def needs_blocks(shape: tuple[int, ...], budget_pixels: int | None = None) -> bool:
+    """Whether a plane of this shape ((H, W) or (C, H, W)) exceeds the in-memory budget
+    (default :data:`PLANE_BUDGET_PIXELS`)."""
+    budget = PLANE_BUDGET_PIXELS if budget_pixels is None else budget_pixels
+    return int(shape[-2]) * int(shape[-1]) > budget
 
 
 @dataclass

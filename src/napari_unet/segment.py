@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import blocks
 from .device import auto_tiling, autocast, resolve_precision, select_device, to_device
 from .model import ModelConfig, UNet, activate, check_channels, fuse_batchnorm
 from .normalize import _MAX_SAMPLES, check_finite, check_image_dtype, normalize, resolve_rgb
 from .params import ConfigError, check, check_multiple, param
 from .postprocess import PostprocessConfig, labels_from_probs
 from .targets import BG, INTERIOR
-from .tiling import check_tiling, drain, sliding_window_iter
+from .tiling import check_tiling, drain, relay, sliding_window_iter
 
 
 @dataclass
@@ -531,6 +532,22 @@ def segment_image(
                 write(0)  # keep the planes before the unreadable one, as the serial path did
                 raise
             ahead = reader.submit(read, i + 1) if i + 1 < len(keys) else None
+            if not keep_maps and blocks.needs_blocks(plane.shape):
+                # A plane over the memory budget (a whole-slide scan): block by block with a
+                # halo, its objects merged across block borders; memory is a block's.
+                write(0)
+                labels = yield from relay(
+                    blocks.segment_plane_blocks(plane, predictor, post, cancel=cancel),
+                    lambda b, i=i: SegmentProgress(
+                        i, len(keys), b.block * b.tiles_total + b.tiles_done,
+                        b.n_blocks * max(b.tiles_total, 1), time.perf_counter() - start))
+                if cancel is not None and cancel():
+                    break
+                done_future: Future[np.ndarray] = Future()
+                done_future.set_result(labels)
+                pending.append((key, done_future, None))
+                write(0)
+                continue
             gen = infer_plane(plane, predictor, post, keep_maps=keep_maps)
             inferred = None
             while True:
