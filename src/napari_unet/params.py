@@ -177,8 +177,12 @@ def widget_options(cls: type, name: str) -> dict[str, Any]:
         return opts
     if spec.min is not None:
         lo = spec.min
-        if spec.min_exclusive:
-            lo = spec.multiple_of or (lo + 1 if isinstance(lo, int) else lo + 1e-3)
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+        integer = spec.kind is int or (isinstance(default, int) and not isinstance(default, bool))
+        if spec.min_exclusive and (spec.multiple_of or integer):
+            # Integers: the next allowed value. Floats keep the bound itself (any step above
+            # it could exceed a small default such as a learning rate); check() refuses it.
+            lo = spec.multiple_of or lo + 1
         opts["min"] = lo
     if spec.max is not None:
         opts["max"] = spec.max
