@@ -91,3 +91,18 @@ def test_bundled_model_loads_and_has_provenance():
     with torch.no_grad():
         out = net(torch.from_numpy(np.zeros((1, 1, 64, 64), np.float32)))
     assert torch.isfinite(out).all()
+
+
+def test_every_container_refuses_non_finite_weights_and_other_architectures(tmp_path):
+    """model_from_state / check_architecture guard model files and bioimage.io packages."""
+    from napari_unet.model import check_architecture, model_from_state
+
+    config = ModelConfig(depth=2, base_channels=4)
+    state = UNet(config).state_dict()
+    state["head.weight"] = state["head.weight"].clone().fill_(float("nan"))
+    with pytest.raises(ModelFileError, match="NaN"):
+        model_from_state(config, state, tmp_path / "pkg.zip")
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    with pytest.raises(ModelFileError, match="do not match"):
+        check_architecture(ModelConfig(depth=3, base_channels=4), shapes, tmp_path / "pkg.zip")
+    check_architecture(config, shapes, tmp_path / "pkg.zip")

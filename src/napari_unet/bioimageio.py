@@ -39,7 +39,16 @@ import numpy as np
 import torch
 
 from . import model as model_module
-from .model import CLASSES, ModelConfig, ModelFileError, UNet, load_model
+from .model import (
+    CLASSES,
+    ModelConfig,
+    ModelFileError,
+    UNet,
+    check_architecture,
+    config_from_metadata,
+    load_model,
+    model_from_state,
+)
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 CONFIG_KEY = "napari-unet"
@@ -155,7 +164,8 @@ def napari_unet_config(path: str | os.PathLike) -> ModelConfig | None:
     stored = (rdf.get("config") or {}).get(CONFIG_KEY)
     if not stored or "model_config" not in stored:
         return None
-    return ModelConfig.from_json(json.dumps(stored["model_config"]))
+    # The same schema as a model file's metadata: types, ranges, no surprises.
+    return config_from_metadata(json.dumps(stored["model_config"]), Path(path))
 
 
 # ------------------------------------------------------------------------------ export
@@ -666,12 +676,8 @@ def load_package_model(path: str | os.PathLike, device: str | torch.device = "cp
     except (KeyError, TypeError) as exc:
         raise ModelFileError(f"{p}: the package has no pytorch_state_dict weights") from exc
     state = _load_state(p, str(source))
-    model = UNet(config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelFileError(f"{p}: weights do not match its architecture: {exc}") from exc
-    return model.to(device).eval()
+    check_architecture(config, {k: tuple(v.shape) for k, v in state.items()}, p)
+    return model_from_state(config, state, p, device)
 
 
 def _load_state(package: Path, source: str) -> dict[str, torch.Tensor]:

@@ -247,6 +247,30 @@ def _expected_state(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
+def check_architecture(config: ModelConfig, stored: dict[str, tuple[int, ...]],
+                       path: Path) -> None:
+    """Raise ModelFileError unless ``UNet(config)`` stays within the parameter budget and
+    has exactly the weights (names and shapes) ``stored`` holds; builds nothing."""
+    expected = _expected_state(config)
+    n_params = sum(math.prod(s) for k, s in expected.items() if "running_" not in k
+                   and not k.endswith("num_batches_tracked"))
+    if n_params > MAX_PARAMETERS:
+        raise _schema_error(path, f"its architecture has {n_params / 1e6:.0f} M parameters, "
+                            f"more than the {MAX_PARAMETERS // 1_000_000} M a model may have")
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    wrong = [f"{k} {stored[k]} (expected {expected[k]})" for k in expected
+             if k in stored and stored[k] != expected[k]]
+    if missing or extra or wrong:
+        detail = "; ".join(filter(None, [
+            missing and f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""),
+            extra and f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""),
+            wrong and "wrong shape " + ", ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else ""),
+        ]))
+        raise ModelFileError(f"{path}: the stored weights do not match the architecture in "
+                             f"its metadata: {detail}")
+
+
 def inspect_model_file(path: str | os.PathLike) -> ModelConfig:
     """Validate a model file from its header alone: format, config schema, parameter budget
     and stored tensor shapes. Reads no weights and builds no network.
@@ -270,24 +294,7 @@ def inspect_model_file(path: str | os.PathLike) -> ModelConfig:
     if meta.get("format") != FORMAT or "config" not in meta:
         raise ModelFileError(f"{path} is a safetensors file but not a napari-unet model")
     config = config_from_metadata(meta["config"], path)
-    expected = _expected_state(config)
-    n_params = sum(math.prod(s) for k, s in expected.items() if "running_" not in k
-                   and not k.endswith("num_batches_tracked"))
-    if n_params > MAX_PARAMETERS:
-        raise _schema_error(path, f"its architecture has {n_params / 1e6:.0f} M parameters, "
-                            f"more than the {MAX_PARAMETERS // 1_000_000} M a model may have")
-    missing = sorted(set(expected) - set(stored))
-    extra = sorted(set(stored) - set(expected))
-    wrong = [f"{k} {stored[k][0]} (expected {expected[k]})" for k in expected
-             if k in stored and stored[k][0] != expected[k]]
-    if missing or extra or wrong:
-        detail = "; ".join(filter(None, [
-            missing and f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""),
-            extra and f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""),
-            wrong and "wrong shape " + ", ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else ""),
-        ]))
-        raise ModelFileError(f"{path}: the stored weights do not match the architecture in "
-                             f"its metadata: {detail}")
+    check_architecture(config, {k: shape for k, (shape, _) in stored.items()}, path)
     not_float = [k for k, (_, dt) in stored.items()
                  if not k.endswith("num_batches_tracked") and dt not in ("F16", "BF16", "F32",
                                                                          "F64")]
@@ -314,6 +321,13 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path}: cannot read the weights: {exc}") from exc
+    return model_from_state(config, state, path, device)
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], path: Path,
+                     device: str | torch.device = "cpu") -> UNet:
+    """The network of a checked ``config`` with ``state`` loaded, in eval mode; weights
+    holding NaN or infinity are refused (any container: model file or package)."""
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ModelFileError(f"{path}: weight {name} holds NaN or infinite values; the "
