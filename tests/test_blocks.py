@@ -147,3 +147,36 @@ def test_segment_image_takes_planes_over_the_budget_block_by_block(monkeypatch):
     blocked = drain(segment_image(image, predictor))
     assert calls == [(300, 300)]
     assert evaluate_pair(blocked, whole)["ap"] > 0.95
+
+
+def test_cli_writes_a_plane_over_the_budget_block_by_block_into_its_store(tmp_path,
+                                                                          monkeypatch):
+    """The batch runner streams a huge plane's labels into the output store block by block
+    (no whole-plane label array), with the same objects as the in-memory path."""
+    import tifffile
+
+    from napari_unet import blocks as blocks_mod
+    from napari_unet.cli import main
+    from napari_unet.evaluate import evaluate_pair
+    from napari_unet.model import save_model
+
+    image = blobs((300, 300), 40, seed=4)
+    src = tmp_path / "plane.tif"
+    tifffile.imwrite(src, image)
+    model_file = save_model(load_model(), tmp_path / "m.safetensors")
+    argv = [str(src), "--model", str(model_file), "--tile", "128", "--overlap", "32"]
+    assert main(["segment", *argv, "-o", str(tmp_path / "whole.tif")]) == 0
+    monkeypatch.setattr(blocks_mod, "PLANE_BUDGET_PIXELS", 200 * 200)
+    monkeypatch.setattr(blocks_mod, "DEFAULT_BLOCK", 128)
+    calls = []
+    real = blocks_mod.segment_plane_blocks
+
+    def spy(plane, predictor, post, **kwargs):
+        calls.append(type(kwargs.get("out")).__name__)
+        return real(plane, predictor, post, block=128, halo=48, **kwargs)
+
+    monkeypatch.setattr(blocks_mod, "segment_plane_blocks", spy)
+    assert main(["segment", *argv, "-o", str(tmp_path / "blocks.tif")]) == 0
+    assert calls == ["_StoreWindow"]
+    whole, blocked = (tifffile.imread(tmp_path / f"{n}.tif") for n in ("whole", "blocks"))
+    assert blocked.max() > 10 and evaluate_pair(blocked, whole)["ap"] > 0.9

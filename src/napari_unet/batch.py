@@ -30,7 +30,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from . import io
+from . import blocks, io
 from .batch_plan import (
     OUTPUT_ERRNOS,
     PLANE_STRIDE,
@@ -55,6 +55,7 @@ from .segment import (
     Predictor,
     SegmentProgress,
     label_key,
+    read_plane,
     segment_image,
 )
 from .stitch import stitch_planes_iter
@@ -203,6 +204,8 @@ def run_plane_iter(
     start = time.perf_counter()
     predictor = _cached_predictor(model.path, model.digest, model.inference_json)
     image = _open_image(task.source, os.stat(task.source).st_mtime_ns)
+    if blocks.needs_blocks(image.shape):
+        return (yield from _run_huge_plane(task, image, predictor, postprocess, cancel, start))
     sink = PlaneSink()
     yield from segment_image(image, predictor, channel_axis=task.channel_axis,
                              postprocess=postprocess, out=sink, planes=[task.key],
@@ -214,12 +217,57 @@ def run_plane_iter(
     if task.stride and n >= task.stride:
         raise ValueError(f"plane {task.index} of {task.source} has {n} objects; at most "
                          f"{task.stride - 1} per plane are supported")
-    if n:
+    if n and task.index:
         dtype = zarr.open_array(task.store, mode="r").dtype  # int64 only past 2047 planes
-        labels = np.where(labels > 0, labels.astype(dtype) + task.index * task.stride, 0)
+        labels = labels.astype(dtype, copy=False)  # in place: planes can be huge
+        labels[labels > 0] += task.index * task.stride
     _write_plane(task, labels)
     mark_done(Path(task.store), task.index, n)
     return PlaneResult(task.store, task.index, n, int(labels.size),
+                       time.perf_counter() - start)
+
+
+class _StoreWindow:
+    """(H, W) window access to one plane of the work store, with the plane's id offset
+    added on the way in and removed on the way out, so :func:`blocks.segment_plane_blocks`
+    writes its labels straight to disk: memory stays a block's, not the plane's."""
+
+    def __init__(self, store: zarr.Array, key: tuple, offset: int) -> None:
+        self.store, self.key, self.offset = store, key, offset
+        self.shape, self.dtype = tuple(store.shape[-2:]), store.dtype
+
+    def __getitem__(self, yx: tuple) -> np.ndarray:
+        region = np.asarray(self.store[self.key + yx])
+        if self.offset:
+            region[region > 0] -= self.offset
+        return region
+
+    def __setitem__(self, yx: tuple, labels: np.ndarray) -> None:
+        region = np.asarray(labels).astype(self.store.dtype)
+        if self.offset:
+            region[region > 0] += self.offset
+        self.store[self.key + yx] = region
+
+
+def _run_huge_plane(task: PlaneTask, image: Any, predictor: Any, postprocess: PostprocessConfig,
+                    cancel: Callable[[], bool] | None, start: float,
+                    ) -> Generator[SegmentProgress, None, PlaneResult | None]:
+    """A plane over the memory budget: block by block, written into the store as it goes."""
+    plane = read_plane(image, task.key, task.channel_axis)
+    store = zarr.open_array(task.store, mode="r+")
+    key = tuple(k for k in label_key(task.key, task.channel_axis) if isinstance(k, int))
+    window = _StoreWindow(store, key, task.index * task.stride)
+    yield from relay(
+        blocks.segment_plane_blocks(plane, predictor, postprocess, out=window, cancel=cancel),
+        lambda b: SegmentProgress(0, 1, b.block * b.tiles_total + b.tiles_done,
+                                  b.n_blocks * max(b.tiles_total, 1),
+                                  time.perf_counter() - start))
+    if cancel is not None and cancel():
+        return None
+    top = int(da.from_zarr(store)[key].max().compute(scheduler="synchronous"))
+    n = top - task.index * task.stride if task.stride and top else 0
+    mark_done(Path(task.store), task.index, n)
+    return PlaneResult(task.store, task.index, n, int(np.prod(window.shape)),
                        time.perf_counter() - start)
 
 

@@ -360,7 +360,8 @@ def segment_plane(
 
 def offset_ids(labels: np.ndarray, offset: int) -> tuple[np.ndarray, int]:
     """Make instance ids unique across planes: returns ``labels`` with every id > 0 raised
-    by ``offset`` (int32) and the next offset (the largest id now used).
+    by ``offset`` (int32; int32 input is changed in place) and the next offset (the largest
+    id now used).
 
     Planes are offset in plane order, each by the largest id of the planes before it; as
     post-processing numbers each plane's cells 1..n, the ids over a stack are 1..N in plane
@@ -374,8 +375,11 @@ def offset_ids(labels: np.ndarray, offset: int) -> tuple[np.ndarray, int]:
         raise ValueError(
             f"more than {np.iinfo(np.int32).max} cells over the stack: the int32 labels "
             "cannot hold unique ids; segment fewer planes at a time")
-    return np.where(labels > 0, labels.astype(np.int32) + offset, 0).astype(np.int32), \
-        offset + top
+    # In place where possible: a whole-slide plane's labels are hundreds of MB.
+    out = labels.astype(np.int32, copy=False)
+    if offset:
+        out[out > 0] += offset
+    return out, offset + top
 
 
 def post_workers(device: torch.device) -> int:
