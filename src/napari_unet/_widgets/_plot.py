@@ -30,10 +30,19 @@ class LossPlot(QWidget):
         self._timer.timeout.connect(self.update)
 
     def add_series(self, name: str, color: str, width: float = 1.5,
-                   own_axis: bool = False) -> None:
-        """A new curve; ``own_axis`` scales it to its own range (e.g. a score in [0, 1])."""
+                   own_axis: bool = False, top: float | None = None) -> None:
+        """A new curve; ``own_axis`` scales it to its own range (e.g. a score in [0, 1]),
+        from 0 to ``top`` when given (else 1.1 x its largest value), labelled on the right."""
         self.series[name] = {"x": [], "y": [], "color": QColor(color), "width": width,
-                             "own_axis": own_axis}
+                             "own_axis": own_axis, "top": top, "reference": None,
+                             "reference_label": ""}
+
+    def set_reference(self, name: str, value: float | None, label: str = "") -> None:
+        """A dashed horizontal line at ``value`` on series ``name``'s axis (e.g. the
+        starting model's score), named ``label`` in the legend; None removes it."""
+        s = self.series[name]
+        s["reference"], s["reference_label"] = value, label
+        self.update()
 
     # kept for callers of the earlier plot
     @property
@@ -47,6 +56,7 @@ class LossPlot(QWidget):
     def clear(self) -> None:
         for s in self.series.values():
             s["x"], s["y"] = [], []
+            s["reference"], s["reference_label"] = None, ""
         self.update()
 
     def add(self, step: int, loss: float, mean: float) -> None:
@@ -95,12 +105,21 @@ class LossPlot(QWidget):
                          Qt.AlignRight, f"step {int(loss['x'][-1])}")
         legend_x = rect.left() + 4
         for name, s in self.series.items():
-            if not s["x"]:
+            if not s["x"] and s["reference"] is None:
                 continue
             top = hi
             if s["own_axis"]:
                 finite = [v for v in s["y"] if math.isfinite(v)]
-                top = max(finite) * 1.1 if finite and max(finite) > 0 else 1.0
+                top = s["top"] or (max(finite) * 1.1 if finite and max(finite) > 0 else 1.0)
+                # Its own scale, read on the right edge in its colour.
+                painter.setPen(s["color"])
+                painter.drawText(QRectF(rect.right() - 40, rect.top() + 1, 38, 12),
+                                 Qt.AlignRight, f"{top:.3g}")
+            if s["reference"] is not None and math.isfinite(s["reference"]):
+                py = rect.bottom() - rect.height() * min(max(s["reference"] / top, 0.0), 1.0)
+                painter.setPen(QPen(s["color"], 1.0, Qt.DashLine))
+                painter.drawLine(QPointF(rect.left(), py), QPointF(rect.right(), py))
+                painter.drawText(QPointF(rect.left() + 4, py - 3), s["reference_label"])
             path = QPainterPath()
             # Thin the points to about one per pixel column: cheap at any run length.
             stride = max(1, len(s["x"]) // max(int(rect.width()), 1))
@@ -117,5 +136,9 @@ class LossPlot(QWidget):
                     path.lineTo(QPointF(px, py))
             painter.setPen(QPen(s["color"], s["width"]))
             painter.drawPath(path)
+            if len(s["x"]) == 1:  # one score so far: a dot, not an invisible path
+                painter.setBrush(s["color"])
+                painter.drawEllipse(path.currentPosition(), 2.5, 2.5)
+                painter.setBrush(Qt.NoBrush)
             painter.drawText(QPointF(legend_x, rect.top() - 4), name)
             legend_x += painter.fontMetrics().horizontalAdvance(name) + 12
