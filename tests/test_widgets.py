@@ -853,9 +853,9 @@ def test_train_validates_and_keeps_the_best_snapshot(viewer, notes, qtbot, base_
     assert plot["own_axis"] and plot["x"] == [0, 25, 50, 75, 100]
     assert plot["y"] == [s.ap for s in trainer.history]
     assert plot["reference"] == trainer.history[0].ap
-    # the status ends with the closing sentence, also shown under it
+    # the status ends with the closing sentence
     assert w.status.plain().endswith(trainer.message)
-    assert w.validation_label.text() == trainer.message
+    assert w.validation_label.text() == trainer.validation_note
     best = trainer.best_score
     if best.step > 0:  # the best snapshot (not the last) is the one in use
         entry = c.REGISTRY.latest("finetuned")

@@ -30,11 +30,14 @@ class LossPlot(QWidget):
         self._timer.timeout.connect(self.update)
 
     def add_series(self, name: str, color: str, width: float = 1.5,
-                   own_axis: bool = False, top: float | None = None) -> None:
+                   own_axis: bool = False, top: float | None = None,
+                   markers: bool = False) -> None:
         """A new curve; ``own_axis`` scales it to its own range (e.g. a score in [0, 1]),
-        from 0 to ``top`` when given (else 1.1 x its largest value), labelled on the right."""
+        from 0 to ``top`` when given (else 1.1 x its largest value), labelled on the right;
+        ``markers`` draws a dot at each point (sparse series such as scores every N steps)."""
         self.series[name] = {"x": [], "y": [], "color": QColor(color), "width": width,
-                             "own_axis": own_axis, "top": top, "reference": None,
+                             "own_axis": own_axis, "top": top, "markers": markers,
+                             "reference": None,
                              "reference_label": ""}
 
     def set_reference(self, name: str, value: float | None, label: str = "") -> None:
@@ -124,11 +127,13 @@ class LossPlot(QWidget):
             # Thin the points to about one per pixel column: cheap at any run length.
             stride = max(1, len(s["x"]) // max(int(rect.width()), 1))
             first = True
+            dots = []
             for x, y in zip(s["x"][::stride], s["y"][::stride], strict=True):
                 if not math.isfinite(y):
                     continue
                 px = rect.left() + rect.width() * x / x_max
                 py = rect.bottom() - rect.height() * min(max(y / top, 0.0), 1.0)
+                dots.append(QPointF(px, py))
                 if first:
                     path.moveTo(QPointF(px, py))
                     first = False
@@ -136,9 +141,10 @@ class LossPlot(QWidget):
                     path.lineTo(QPointF(px, py))
             painter.setPen(QPen(s["color"], s["width"]))
             painter.drawPath(path)
-            if len(s["x"]) == 1:  # one score so far: a dot, not an invisible path
+            if s["markers"] or len(dots) == 1:  # a lone point is an invisible path
                 painter.setBrush(s["color"])
-                painter.drawEllipse(path.currentPosition(), 2.5, 2.5)
+                for dot in dots:
+                    painter.drawEllipse(dot, 3.0, 3.0)
                 painter.setBrush(Qt.NoBrush)
             painter.drawText(QPointF(legend_x, rect.top() - 4), name)
             legend_x += painter.fontMetrics().horizontalAdvance(name) + 12

@@ -139,8 +139,10 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self.progress.setValue(0)
         self.status = _ui.StatusBox()
         self.loss_plot = LossPlot()  # other modules may add series (add_series / append)
-        self.loss_plot.add_series(VALIDATION, "#93c47d", 2.0, own_axis=True, top=1.0)
-        self.validation_label = QLabel("")  # what was held out, then the closing sentence
+        self.loss_plot.add_series(VALIDATION, "#93c47d", 2.0, own_axis=True, top=1.0,
+                                  markers=True)
+        self.loss_plot.setMinimumHeight(150)  # room for the score beside the loss
+        self.validation_label = QLabel("")  # what is held out for validation
         self.validation_label.setWordWrap(True)
         self.validation_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         # manual pairing, for annotation layers not made with the Annotate widget
@@ -512,8 +514,6 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         head = f"{'stopped' if stopped else 'done'} after {steps} steps " \
                f"({_ui.format_seconds(elapsed)})"
         validated = trainer is not None and trainer.best_score is not None
-        if validated:
-            self.validation_label.setText(trainer.message)
         if validated and trainer.best_score.step == 0 and not self.model_picker.is_scratch() \
                 and job is not None:
             # Fine-tuning made nothing better on the held-out cells: the starting model stays
