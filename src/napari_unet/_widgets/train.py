@@ -39,7 +39,7 @@ from . import _layers as L
 from . import _ui
 from ._annotations import annotation_of, complete_mask
 from ._forms import ConfigForm, Settings
-from ._models import DEVICES, MODEL_FILTER, REGISTRY, ModelPicker
+from ._models import DEVICES, MODEL_FILTER, REGISTRY, SCRATCH_LABEL, ModelPicker
 from ._plot import LossPlot
 from ._worker import Job, JobRunner, logger, warm_up
 from .export import ExportButton
@@ -514,8 +514,8 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         head = f"{'stopped' if stopped else 'done'} after {steps} steps " \
                f"({_ui.format_seconds(elapsed)})"
         validated = trainer is not None and trainer.best_score is not None
-        if validated and trainer.best_score.step == 0 and not self.model_picker.is_scratch() \
-                and job is not None:
+        if validated and job is not None and trainer.best_score.step == 0 and \
+                job.base != SCRATCH_LABEL:  # (a random start is no model to keep)
             # Fine-tuning made nothing better on the held-out cells: the starting model stays
             # in use; the last snapshot is listed (not selected) for whoever wants it anyway.
             self._register(trainer.model, steps, ", not better than the start",
