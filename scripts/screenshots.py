@@ -5,8 +5,10 @@ Run under a (virtual) display, e.g.:
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshots.py
 
 Writes annotate.png (sample + sparse annotation + Annotate widget), train.png (training
-mid-run: loss curve and live preview) and segment.png (the segmentation result), each at
-1600 x 1000 with the three docks open as tabs of one dock area.
+mid-run: loss curve and live preview), validation.png (training done: the held-out
+validation AP beside the loss, the starting model's score as a dashed line, and the closing
+sentence) and segment.png (the segmentation result), each at 1600 x 1000 with the three
+docks open as tabs of one dock area. ``--only validation`` retakes just one of them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ("annotate", "train", "validation", "segment")
 
 
 def _pump(seconds: float) -> None:
@@ -49,6 +52,8 @@ def _show_dock(dock) -> None:
 
 
 def _shot(viewer, path: Path) -> None:
+    if path.stem not in _shot.only:
+        return
     from napari._qt.dialogs.qt_notification import NapariQtNotification
     from qtpy.QtWidgets import QApplication
 
@@ -69,8 +74,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="training steps")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--size", type=int, nargs=2, default=(1600, 1000), metavar=("W", "H"))
+    parser.add_argument("--only", nargs="+", choices=SHOTS, default=SHOTS,
+                        help="the screenshots to write (the others are left as they are)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    _shot.only = set(args.only)
 
     import napari
 
@@ -108,6 +116,12 @@ def main() -> None:
     train.loss_plot.redraw()
     _shot(viewer, args.out / "train.png")
     _wait(lambda: not train.is_running(), 900, "the end of training")
+    print(train.status.plain())
+    train.loss_plot.redraw()
+    _shot(viewer, args.out / "validation.png")
+    if "segment" not in _shot.only:
+        viewer.close()
+        return
 
     # 3. Segment: the fine-tuned model (selected automatically) on the whole image.
     _show_dock(demo.docks["Segment"])

@@ -808,3 +808,162 @@ def test_docks_fit_the_screen_and_open_as_tabs(plugin_viewer):
     assert docks[1] in tabbed and docks[2] in tabbed
     seg = docks[2].widget().findChild(SegmentWidget) or docks[2].widget()
     assert not seg.advanced.is_expanded()
+
+
+# ---------------------------------------------------------------- issue 11: validation in the GUI
+
+
+def _sample_pair(viewer):
+    """The bundled sample (12 painted cells: 3 are held out for validation) as layers."""
+    from napari_unet._sample_data import nuclei_sample
+
+    for data, kwargs, kind in nuclei_sample():
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    return viewer.layers["nuclei"], viewer.layers["nuclei annotation"]
+
+
+@pytest.mark.skipif(not HAS_SAMPLE, reason="sample data not bundled yet")
+def test_train_validates_and_keeps_the_best_snapshot(viewer, notes, qtbot, base_model,
+                                                     capsys):
+    _sample_pair(viewer)
+    sw = _dock(viewer, SegmentWidget(viewer))
+    from napari_unet.train import TrainConfig
+
+    w = _train_widget(viewer, base_model, steps=100, tile=128)
+    w.settings.set(validate_every=25, lr=TrainConfig().lr)  # the fine-tuning default
+    w.preview_check.setChecked(False)
+    start_label = w.model_picker.label()
+    notes_seen: list[str] = []
+    clicked = time.perf_counter()
+    qtbot.mouseClick(w.train_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: w.validation_label.text() != "", timeout=TIMEOUT_MS)
+    notes_seen.append(w.validation_label.text())
+    _wait_done(qtbot, w, timeout=120_000)
+    assert not _errors(notes), notes
+    job, trainer = w.job, w.job.trainer
+    with capsys.disabled():
+        print(f"\n[validation, sample 256x256, 100 steps, CPU] click -> starting model's score "
+              f"{job.reference_s:.1f} s, click -> first snapshot score (step 25) "
+              f"{job.first_validation_s:.1f} s, whole run "
+              f"{time.perf_counter() - clicked:.1f} s: {trainer.message}")
+    # the note on what was held out is shown when training starts
+    assert notes_seen[0] == trainer.validation_note and "3" in notes_seen[0]
+    # the validation series: the start (step 0) and every 25 steps, on its own axis
+    plot = w.loss_plot.series["validation AP"]
+    assert plot["own_axis"] and plot["x"] == [0, 25, 50, 75, 100]
+    assert plot["y"] == [s.ap for s in trainer.history]
+    assert plot["reference"] == trainer.history[0].ap
+    # the status ends with the closing sentence
+    assert w.status.plain().endswith(trainer.message)
+    assert w.validation_label.text() == trainer.validation_note
+    best = trainer.best_score
+    if best.step > 0:  # the best snapshot (not the last) is the one in use
+        entry = c.REGISTRY.latest("finetuned")
+        assert entry.model is trainer.selected is trainer.best is w.model
+        assert sw.model_picker.label() == entry.label
+        assert entry.info["validation"]["ap"] == best.ap
+        assert f"validation AP {best.ap:.2f}" in sw.model_info.text()
+        assert "keeping step" in trainer.message
+    else:  # not beaten: the starting model stays selected
+        assert sw.model_picker.label() == start_label
+        assert "keeping the starting model" in trainer.message
+        assert w.status.level == "warning"
+
+
+def test_train_not_better_keeps_start_and_segment_asks_about_other_images(
+        viewer, notes, qtbot, monkeypatch):
+    """Scores forced down: the starting model stays selected; a fine-tuned model chosen by
+    hand for another image is used only after a Yes (asked once per image)."""
+    from napari_unet.validation import ValidationScore, Validator
+
+    def worse(self, model, step):
+        return ValidationScore(step, 0.8 - step / 100, 0.7, 0.0)
+
+    monkeypatch.setattr(Validator, "score", worse)
+    _annotated_viewer(viewer, n_cells=10)
+    image, _ = _disks((96, 96), seed=5)
+    viewer.add_image(image, name="other")
+    w = _train_widget(viewer, _tiny(), steps=10, tile=64)
+    w.settings.set(validate_every=5)
+    w.preview_check.setChecked(False)
+    start_label = w.model_picker.label()
+    sw = _dock(viewer, SegmentWidget(viewer))
+    sw.settings.set(tile=96, overlap=32, device="cpu")
+    sw.model_picker.set_label(start_label)
+    w.start()
+    _wait_done(qtbot, w)
+    assert not _errors(notes), notes
+    trainer = w.job.trainer
+    assert trainer.best_score.step == 0 and trainer.selected is trainer.best
+    assert "did not beat the starting model" in trainer.message
+    assert w.status.plain().endswith(trainer.message)
+    assert f"{start_label!r} stays selected" in w.status.plain()
+    assert sw.model_picker.label() == start_label  # the start stays in use
+    entry = c.REGISTRY.latest("finetuned")
+    assert "not better" in entry.label and entry.model is trainer.model
+    plot = w.loss_plot.series["validation AP"]
+    assert plot["x"] == [0, 5, 10] and plot["reference"] == pytest.approx(0.8)
+
+    # the user picks the fine-tuned model by hand for an image it was not trained on
+    sw.image_combo.set_layer(viewer.layers["other"])
+    sw.model_picker.set_label(entry.label)
+    assert "fine-tuned on disks" in sw.model_info.text()
+    assert "validation AP 0.70 (start 0.80" in sw.model_info.text()
+    assert "not on 'other'" in sw.model_info.text()
+    questions: list[str] = []
+
+    def answer(value):
+        def confirm(parent, question):
+            questions.append(question)
+            return value
+        return confirm
+
+    monkeypatch.setattr(_ui, "confirm", answer(False))
+    assert sw.run() is None and len(questions) == 1 and "'other'" in questions[0]
+    assert "not segmented" in sw.status.plain()
+    assert c.owned_layer(viewer, "labels", "other") is None
+    monkeypatch.setattr(_ui, "confirm", answer(True))
+    sw.run()
+    _wait_done(qtbot, sw)
+    assert c.owned_layer(viewer, "labels", "other") is not None and len(questions) == 2
+    sw.run()  # asked once per model and image
+    _wait_done(qtbot, sw)
+    assert len(questions) == 2 and not _errors(notes)
+    # on the image it was trained on, no question
+    sw.image_combo.set_layer(viewer.layers["disks"])
+    assert "not on" not in sw.model_info.text()
+    sw.run()
+    _wait_done(qtbot, sw)
+    assert len(questions) == 2
+
+
+def test_train_hands_the_best_snapshot_not_the_last_to_segment(viewer, notes, qtbot,
+                                                               monkeypatch):
+    """Scores peak at step 5 of 10: the registry and Segment get that snapshot."""
+    from napari_unet.validation import ValidationScore, Validator
+
+    snapshots: dict[int, dict] = {}
+
+    def peak_at_5(self, model, step):
+        snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        return ValidationScore(step, 0.5 + 0.1 * (step == 5), 0.6, 0.0)
+
+    monkeypatch.setattr(Validator, "score", peak_at_5)
+    _annotated_viewer(viewer, n_cells=10)
+    sw = _dock(viewer, SegmentWidget(viewer))
+    w = _train_widget(viewer, _tiny(), steps=10, tile=64)
+    w.settings.set(validate_every=5)
+    w.preview_check.setChecked(False)
+    w.start()
+    _wait_done(qtbot, w)
+    assert not _errors(notes), notes
+    trainer = w.job.trainer
+    assert trainer.message.endswith("keeping step 5")
+    assert w.status.plain().endswith(trainer.message) and w.status.level == "info"
+    entry = c.REGISTRY.latest("finetuned")
+    assert entry.model is trainer.best is w.model and entry.model is not trainer.model
+    assert all(torch.equal(v, snapshots[5][k]) for k, v in entry.model.state_dict().items())
+    assert "step 5 kept" in entry.label and entry.model.config.provenance["kept_step"] == 5
+    assert sw.model_picker.label() == entry.label
+    assert "validation AP 0.60 (start 0.50, step 5" in sw.model_info.text()
+    assert w.loss_plot.series["validation AP"]["y"] == pytest.approx([0.5, 0.6, 0.5])

@@ -42,17 +42,36 @@ class ModelEntry:
             self.model = load_model(self.path)
         return self.model
 
+    def describe(self) -> str:
+        """One line for the user: what this model is and how it scored on held-out cells."""
+        info = self.info
+        if info.get("kind") != "finetuned":
+            if self.label == BUNDLED_LABEL:
+                return "bundled pretrained model (not validated on your images)"
+            return f"model file {self.path.name}" if self.path is not None else self.label
+        text = f"fine-tuned on {', '.join(info.get('images', [])) or '?'}"
+        score = info.get("validation")
+        if score is not None:
+            text += (f" · validation AP {score['ap']:.2f} (start {score['start_ap']:.2f}, "
+                     f"step {score['step']}, {score['cells']} held-out cell(s))")
+        else:
+            text += " · not validated (fewer than 8 painted cells, or validation share 0)"
+        return text
+
 
 class ModelRegistry:
     """Models shared between the widgets of one session (fine-tuned, or loaded from files)."""
 
     added = Signal(object)  # ModelEntry
+    select = Signal(str)  # a label the pickers should switch to (e.g. the starting model)
 
     def __init__(self) -> None:
         self._entries: list[ModelEntry] = []
 
     def add(self, model: UNet, label: str, path: Path | None = None, **info: Any) -> ModelEntry:
-        """Register a model; widgets offering a model choice list it and select it."""
+        """Register a model; widgets offering a model choice list it and select it (unless
+        ``info['select']`` is False: listed only, e.g. a fine-tuned model that scored worse
+        than its start)."""
         base, n = label, 2
         while any(e.label == label for e in self._entries):
             label, n = f"{base} ({n})", n + 1
@@ -60,6 +79,9 @@ class ModelRegistry:
         self._entries.append(entry)
         self.added.emit(entry)
         return entry
+
+    def get(self, label: str) -> ModelEntry | None:
+        return next((e for e in self._entries if e.label == label), None)
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries)
@@ -102,6 +124,7 @@ class ModelPicker(QWidget):
         self._entries: dict[str, ModelEntry | None] = {}
         self.refresh()
         REGISTRY.added.connect(self._on_added)  # weak: dropped with this widget
+        REGISTRY.select.connect(self._on_select)
 
     def refresh(self, select: str | None = None) -> None:
         current = select or self.combo.currentText()
@@ -119,7 +142,12 @@ class ModelPicker(QWidget):
 
     def _on_added(self, entry: ModelEntry) -> None:
         with contextlib.suppress(RuntimeError):  # widget already deleted
-            self.refresh(select=entry.label)
+            self.refresh(select=entry.label if entry.info.get("select", True) else None)
+
+    def _on_select(self, label: str) -> None:
+        with contextlib.suppress(RuntimeError):
+            if label in self._entries:
+                self.combo.setCurrentText(label)
 
     def _ask_load(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Load a napari-unet model", "",
@@ -139,6 +167,10 @@ class ModelPicker(QWidget):
 
     def set_label(self, label: str) -> None:
         self.combo.setCurrentText(label)
+
+    def entry(self) -> ModelEntry | None:
+        """The chosen registry entry (None for 'from scratch')."""
+        return self._entries.get(self.combo.currentText())
 
     def is_scratch(self) -> bool:
         return self.combo.currentText() == SCRATCH_LABEL

@@ -30,10 +30,22 @@ class LossPlot(QWidget):
         self._timer.timeout.connect(self.update)
 
     def add_series(self, name: str, color: str, width: float = 1.5,
-                   own_axis: bool = False) -> None:
-        """A new curve; ``own_axis`` scales it to its own range (e.g. a score in [0, 1])."""
+                   own_axis: bool = False, top: float | None = None,
+                   markers: bool = False) -> None:
+        """A new curve; ``own_axis`` scales it to its own range (e.g. a score in [0, 1]),
+        from 0 to ``top`` when given (else 1.1 x its largest value), labelled on the right;
+        ``markers`` draws a dot at each point (sparse series such as scores every N steps)."""
         self.series[name] = {"x": [], "y": [], "color": QColor(color), "width": width,
-                             "own_axis": own_axis}
+                             "own_axis": own_axis, "top": top, "markers": markers,
+                             "reference": None,
+                             "reference_label": ""}
+
+    def set_reference(self, name: str, value: float | None, label: str = "") -> None:
+        """A dashed horizontal line at ``value`` on series ``name``'s axis (e.g. the
+        starting model's score), named ``label`` in the legend; None removes it."""
+        s = self.series[name]
+        s["reference"], s["reference_label"] = value, label
+        self.update()
 
     # kept for callers of the earlier plot
     @property
@@ -47,6 +59,7 @@ class LossPlot(QWidget):
     def clear(self) -> None:
         for s in self.series.values():
             s["x"], s["y"] = [], []
+            s["reference"], s["reference_label"] = None, ""
         self.update()
 
     def add(self, step: int, loss: float, mean: float) -> None:
@@ -95,21 +108,32 @@ class LossPlot(QWidget):
                          Qt.AlignRight, f"step {int(loss['x'][-1])}")
         legend_x = rect.left() + 4
         for name, s in self.series.items():
-            if not s["x"]:
+            if not s["x"] and s["reference"] is None:
                 continue
             top = hi
             if s["own_axis"]:
                 finite = [v for v in s["y"] if math.isfinite(v)]
-                top = max(finite) * 1.1 if finite and max(finite) > 0 else 1.0
+                top = s["top"] or (max(finite) * 1.1 if finite and max(finite) > 0 else 1.0)
+                # Its own scale, read on the right edge in its colour.
+                painter.setPen(s["color"])
+                painter.drawText(QRectF(rect.right() - 40, rect.top() + 1, 38, 12),
+                                 Qt.AlignRight, f"{top:.3g}")
+            if s["reference"] is not None and math.isfinite(s["reference"]):
+                py = rect.bottom() - rect.height() * min(max(s["reference"] / top, 0.0), 1.0)
+                painter.setPen(QPen(s["color"], 1.0, Qt.DashLine))
+                painter.drawLine(QPointF(rect.left(), py), QPointF(rect.right(), py))
+                painter.drawText(QPointF(rect.left() + 4, py - 3), s["reference_label"])
             path = QPainterPath()
             # Thin the points to about one per pixel column: cheap at any run length.
             stride = max(1, len(s["x"]) // max(int(rect.width()), 1))
             first = True
+            dots = []
             for x, y in zip(s["x"][::stride], s["y"][::stride], strict=True):
                 if not math.isfinite(y):
                     continue
                 px = rect.left() + rect.width() * x / x_max
                 py = rect.bottom() - rect.height() * min(max(y / top, 0.0), 1.0)
+                dots.append(QPointF(px, py))
                 if first:
                     path.moveTo(QPointF(px, py))
                     first = False
@@ -117,5 +141,10 @@ class LossPlot(QWidget):
                     path.lineTo(QPointF(px, py))
             painter.setPen(QPen(s["color"], s["width"]))
             painter.drawPath(path)
+            if s["markers"] or len(dots) == 1:  # a lone point is an invisible path
+                painter.setBrush(s["color"])
+                for dot in dots:
+                    painter.drawEllipse(dot, 3.0, 3.0)
+                painter.setBrush(Qt.NoBrush)
             painter.drawText(QPointF(legend_x, rect.top() - 4), name)
             legend_x += painter.fontMetrics().horizontalAdvance(name) + 12

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from napari.layers import Image
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -22,6 +23,7 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
@@ -121,6 +123,12 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.image_combo = L.LayerCombo(napari_viewer, (Image,))
         self.channel_combo = L.ChannelPicker()
         self.model_picker = ModelPicker()
+        self.model_info = QLabel()  # which model, and how it scored on held-out cells
+        self.model_info.setWordWrap(True)
+        self.model_info.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        # (model label, image name) pairs the user agreed to segment although the model
+        # was fine-tuned on other images: asked once each.
+        self._confirmed: set[tuple[str, str]] = set()
         self.scope_combo = QComboBox()
         self.scope_combo.addItems([WHOLE, CURRENT])
         self.stitch_combo = QComboBox()
@@ -174,6 +182,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         form.addRow("Image", self.image_combo)
         form.addRow("Channels", self.channel_combo)
         form.addRow("Model", self.model_picker)
+        form.addRow("", self.model_info)
         form.addRow("Segment", self.scope_combo)
         form.addRow("3D objects", self.stitch_combo)
         layout.addLayout(form)
@@ -207,9 +216,11 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.post_form["mode"].changed.connect(self._update_scope)
         self.scope_combo.currentIndexChanged.connect(self._update_scope)
         self.stitch_combo.currentIndexChanged.connect(self._update_anisotropy)
+        self.model_picker.combo.currentTextChanged.connect(self._update_model_info)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self._on_image_changed()
+        self._update_model_info()
         _ui.fit_width(self)
 
     # ------------------------------------------------------------ compatibility names
@@ -224,8 +235,30 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         image = self.image_combo.layer()
         self.channel_combo.set_layer(image)
         self._update_scope(default_link=True)
+        self._update_model_info()
         if not self.is_running():
             self.status.set(L.stack_hint(image) or "ready")
+
+    def _foreign_image(self) -> str | None:
+        """What the chosen model was fine-tuned on, when that is not the chosen image."""
+        entry, image = self.model_picker.entry(), self.image_combo.layer()
+        if entry is None or image is None or entry.info.get("kind") != "finetuned":
+            return None
+        images = entry.info.get("images") or []
+        return None if image.name in images else ", ".join(images) or "other images"
+
+    def _update_model_info(self, *_: Any) -> None:
+        """Say which model is chosen, its validation score, and whether it was fine-tuned
+        on another image than the one chosen (validation only covered that one)."""
+        entry = self.model_picker.entry()
+        text = entry.describe() if entry is not None else ""
+        other = self._foreign_image()
+        if other is not None:
+            text += (f"\n⚠ fine-tuned on {other}, not on {self.image_combo.layer().name!r}: "
+                     "its validation says nothing about this image; check the result (or "
+                     "choose 'bundled model' above)")
+        self.model_info.setText(text)
+        self.model_info.setStyleSheet("color: #e69138" if other is not None else "")
 
     def _update_scope(self, *_: Any, default_link: bool = False) -> None:
         image = self.image_combo.layer()
@@ -296,6 +329,18 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
             return self._fail(f"{exc}: change it under 'Advanced settings'")
         except (ModelFileError, FileNotFoundError, ValueError) as exc:
             return self._fail(str(exc))
+        other = self._foreign_image()
+        pair = (self.model_picker.label(), image.name)
+        if other is not None and pair not in self._confirmed:
+            question = (f"The model {pair[0]!r} was fine-tuned on {other}, not on "
+                        f"{image.name!r}; fine-tuning on a few cells can make a model worse "
+                        "on other images. Segment with it anyway?")
+            if not _ui.confirm(self, question):
+                self.status.warning("not segmented: choose another model under 'Model' "
+                                    "(e.g. 'bundled model'), or press Segment and answer "
+                                    "Yes to use the fine-tuned one", notify=False)
+                return None
+            self._confirmed.add(pair)
         n_in = L.model_channels(image)
         if model.config.in_channels != n_in:
             return self._fail(

@@ -39,7 +39,7 @@ from . import _layers as L
 from . import _ui
 from ._annotations import annotation_of, complete_mask
 from ._forms import ConfigForm, Settings
-from ._models import DEVICES, MODEL_FILTER, REGISTRY, ModelPicker
+from ._models import DEVICES, MODEL_FILTER, REGISTRY, SCRATCH_LABEL, ModelPicker
 from ._plot import LossPlot
 from ._worker import Job, JobRunner, logger, warm_up
 from .export import ExportButton
@@ -47,6 +47,7 @@ from .export import ExportButton
 PREVIEW_MAX = 384  # preview at most this many pixels square (around the view centre)
 PREVIEW_EVERY_S = 3.0
 PREVIEW_TILE = 256
+VALIDATION = "validation AP"  # the loss plot's series of held-out scores (own axis, 0..1)
 SCRATCH_DEFAULTS = {"freeze_norm": False, "keep_prior": 0.0}  # see train.train_config
 
 
@@ -70,6 +71,10 @@ class _TrainJob(Job):
         self.trainer: Trainer | None = None
         self.preview_target: _PreviewTarget | None = None
         self.last_preview: tuple[Any, np.ndarray] | None = None  # (target, labels)
+        # Seconds from pressing Train to the starting model's score and to the first
+        # snapshot's score (what a user waits before the plot says anything useful).
+        self.reference_s: float | None = None
+        self.first_validation_s: float | None = None
 
     def preview(self, model: UNet) -> np.ndarray | None:
         """Segment the plane on screen (cropped around the view centre) with ``model``."""
@@ -93,6 +98,7 @@ def _train_job(job: _TrainJob, model: UNet, pairs: list[TrainingPair], config: T
                preview: bool) -> Any:
     """The worker's generator: build the trainer (targets, weights) and run it."""
     job.trainer = Trainer(model, pairs, config)
+    yield job.trainer.validation_note  # shown before the starting model is scored
     return (yield from job.trainer.run(cancel=job.cancel,
                                        preview=job.preview if preview else None,
                                        preview_every_s=PREVIEW_EVERY_S))
@@ -133,6 +139,12 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self.progress.setValue(0)
         self.status = _ui.StatusBox()
         self.loss_plot = LossPlot()  # other modules may add series (add_series / append)
+        self.loss_plot.add_series(VALIDATION, "#93c47d", 2.0, own_axis=True, top=1.0,
+                                  markers=True)
+        self.loss_plot.setMinimumHeight(150)  # room for the score beside the loss
+        self.validation_label = QLabel("")  # what is held out for validation
+        self.validation_label.setWordWrap(True)
+        self.validation_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         # manual pairing, for annotation layers not made with the Annotate widget
         self.image_combo = L.LayerCombo(napari_viewer, (Image,))
         self.annotation_combo = L.LayerCombo(napari_viewer, (Labels,), follow=False)
@@ -155,6 +167,7 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
+        layout.addWidget(self.validation_label)
         layout.addWidget(self.loss_plot)
         extra = QWidget()
         extra_layout = QFormLayout(extra)
@@ -371,6 +384,7 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self._update_preview_target()
         gen = _train_job(job, model, pairs, config, self.preview_check.isChecked())
         self.loss_plot.clear()
+        self.validation_label.setText("")
         self.progress.setRange(0, config.steps)
         self.progress.setValue(0)
         self.status.set(f"preparing {len(pairs)} annotated plane(s)…")
@@ -426,39 +440,97 @@ class TrainWidget(_ui.TabbedDock, QWidget):
 
     # ------------------------------------------------------------ worker signals
 
-    def _on_progress(self, p: TrainProgress) -> None:
+    def _on_progress(self, p: TrainProgress | str) -> None:
+        job = self.job
+        if isinstance(p, str):  # the trainer's note on what is held out for validation
+            self.validation_label.setText(p)
+            self.status.set(f"{p}; scoring the starting model…" if p != "validation off"
+                            else "training…")
+            return
         self.progress.setValue(p.step)
-        self.status.set(f"step {p.step}/{p.total_steps} · loss {p.loss_avg:.4f} · "
+        score = ""
+        if p.reference is not None:
+            now = time.perf_counter() - job.started if job else 0.0
+            plot = self.loss_plot.series[VALIDATION]
+            if plot["reference"] is None:
+                self.loss_plot.set_reference(VALIDATION, p.reference.ap,
+                                             f"start AP {p.reference.ap:.2f}")
+                self.loss_plot.append(VALIDATION, 0, p.reference.ap)
+                if job is not None:
+                    job.reference_s = now
+            if p.validation is not None:
+                self.loss_plot.append(VALIDATION, p.step, p.validation.ap)
+                if job is not None and job.first_validation_s is None:
+                    job.first_validation_s = now
+            last = plot["y"][-1] if plot["y"] else p.reference.ap
+            score = f" · validation AP {last:.2f} (start {p.reference.ap:.2f})"
+        self.status.set(f"step {p.step}/{p.total_steps} · loss {p.loss_avg:.4f}{score} · "
                         f"{p.steps_per_s:.1f} steps/s · ETA {_ui.format_seconds(p.eta)}")
         self.loss_plot.add(p.step, p.loss, p.loss_avg)
         if p.preview is not None:
             self._show_preview(p.preview)
 
-    def _register(self, model: UNet, steps: int, note: str = "") -> None:
+    def _register(self, model: UNet, steps: int, note: str = "", select: bool = True,
+                  kept_step: int | None = None) -> None:
+        """Put ``model`` in the registry (selected in every model picker unless ``select``
+        is False); ``kept_step``: the validated snapshot it is, when not the last step."""
         job = self.job
         names = ", ".join(job.names) if job else "?"
         trainer = job.trainer if job else None
+        validation = None
+        if trainer is not None and trainer.best_score is not None and trainer.history:
+            best = trainer.best_score if select else trainer.history[-1]
+            validation = {"ap": best.ap, "pixel_iou": best.pixel_iou, "step": best.step,
+                          "start_ap": trainer.history[0].ap,
+                          "cells": trainer.validator.n_cells}
         model.config.provenance = {
             "base_model": job.base if job else "?", "images": job.names if job else [],
             "steps": steps, "final_loss": trainer.losses[-1] if trainer and trainer.losses
             else None, "date": time.strftime("%Y-%m-%d"), "trained_with": "napari widget",
         }
+        if kept_step is not None:
+            model.config.provenance["kept_step"] = kept_step
+        if validation is not None:
+            model.config.provenance["validation"] = dict(validation)
         self.model = model
-        entry = REGISTRY.add(model, f"fine-tuned on {names} ({steps} steps{note})",
-                             kind="finetuned")
+        kept = f", step {kept_step} kept" if kept_step is not None and kept_step != steps \
+            else ""
+        entry = REGISTRY.add(model, f"fine-tuned on {names} ({steps} steps{kept}{note})",
+                             kind="finetuned", images=job.names if job else [],
+                             base=job.base if job else None, validation=validation,
+                             select=select)
         self.model_label = entry.label
         self.save_button.setEnabled(True)
 
     def _on_returned(self, model: UNet) -> None:
+        """``model`` is what the run returned: ``Trainer.selected``, the best snapshot by
+        validation (the starting model when none beat it), else the last good one."""
         job = self.job
-        steps = job.trainer.step if job and job.trainer else 0
+        trainer = job.trainer if job else None
+        steps = trainer.step if trainer else 0
         stopped = bool(job and job.stop)
         self.loss_plot.redraw()
-        self._register(model, steps, ", stopped" if stopped else "")
         elapsed = time.perf_counter() - job.started if job else 0.0
-        self.status.set(f"{'stopped' if stopped else 'done'} after {steps} steps "
-                        f"({_ui.format_seconds(elapsed)}): the model is now selected in the "
-                        f"Segment widget as {self.model_label!r}")
+        head = f"{'stopped' if stopped else 'done'} after {steps} steps " \
+               f"({_ui.format_seconds(elapsed)})"
+        validated = trainer is not None and trainer.best_score is not None
+        if validated and job is not None and trainer.best_score.step == 0 and \
+                job.base != SCRATCH_LABEL:  # (a random start is no model to keep)
+            # Fine-tuning made nothing better on the held-out cells: the starting model stays
+            # in use; the last snapshot is listed (not selected) for whoever wants it anyway.
+            self._register(trainer.model, steps, ", not better than the start",
+                           select=False)
+            REGISTRY.select.emit(job.base)
+            self.status.warning(
+                f"{head}: {job.base!r} stays selected in the Segment widget (the fine-tuned "
+                f"model is listed as {self.model_label!r} if you want it anyway) · "
+                f"{trainer.message}", notify=False)
+            return
+        kept_step = trainer.best_score.step if validated else None
+        self._register(model, steps, ", stopped" if stopped else "", kept_step=kept_step)
+        ending = f" · {trainer.message}" if validated else ""
+        self.status.set(f"{head}: the model is now selected in the Segment widget as "
+                        f"{self.model_label!r}{ending}")
 
     def _on_error(self, exc: BaseException) -> None:
         job = self.job
