@@ -559,24 +559,34 @@ def done_planes(store: Path) -> set[int]:
 # finalising
 
 
-def renumber_consecutively(store: Any, keys: list[tuple]) -> None:
+def renumber_consecutively(store: Any, keys: list[tuple], band: int = 2048) -> None:
     """Plane-offset ids (``local + i * PLANE_STRIDE``) -> consecutive ids in plane order, in
-    place, one plane (label ``keys``) at a time.
+    place, one plane (label ``keys``) at a time, in bands of ``band`` rows (a whole-slide
+    plane is never held whole).
 
     Safe to repeat after an interruption: each plane's ids are a run of ``n`` consecutive
     values (1..n locally), so its smallest id tells whether it is still plane-offset.
     """
     offset = 0
     for key in keys:
-        labels = np.asarray(store[key])
-        fg = labels > 0
-        if not fg.any():
+        height = store.shape[len(key)]
+        rows = [(*key, slice(y, min(y + band, height))) for y in range(0, height, band)]
+        low, high = None, 0
+        for r in rows:
+            labels = np.asarray(store[r])
+            fg = labels[labels > 0]
+            if fg.size:
+                low = int(fg.min()) if low is None else min(low, int(fg.min()))
+                high = max(high, int(fg.max()))
+        if low is None:
             continue
-        low, n = int(labels[fg].min()), int(labels.max()) - int(labels[fg].min()) + 1
         if low != offset + 1:  # not renumbered yet
-            labels = np.where(fg, labels - (low - 1) + offset, 0).astype(labels.dtype)
-            store[key] = labels
-        offset += n
+            shift = offset - (low - 1)
+            for r in rows:
+                labels = np.asarray(store[r])
+                labels[labels > 0] += shift
+                store[r] = labels
+        offset += high - low + 1
 
 
 def finalise(plan: Plan, stitch: StitchSettings | None, overwrite: bool):
