@@ -561,8 +561,8 @@ def done_planes(store: Path) -> set[int]:
 
 def renumber_consecutively(store: Any, keys: list[tuple], band: int = 2048) -> None:
     """Plane-offset ids (``local + i * PLANE_STRIDE``) -> consecutive ids in plane order, in
-    place, one plane (label ``keys``) at a time, in bands of ``band`` rows (a whole-slide
-    plane is never held whole).
+    place, one plane (``keys``: the plane's leading indices) at a time, in bands of ``band``
+    rows (a whole-slide plane is never held whole).
 
     Safe to repeat after an interruption: each plane's ids are a run of ``n`` consecutive
     values (1..n locally), so its smallest id tells whether it is still plane-offset.
@@ -613,7 +613,9 @@ def finalise(plan: Plan, stitch: StitchSettings | None, overwrite: bool):
             yield from stitch_planes_iter(store, out=store, **todo)
             info.pop("stitching", None)
         elif plan.stride:
-            renumber_consecutively(store, [label_key(k, plan.channel_axis) for k in plan.keys])
+            renumber_consecutively(store, [
+                tuple(i for i in label_key(k, plan.channel_axis) if isinstance(i, int))
+                for k in plan.keys])
         done = info | {"complete": True, "record": plan.record}
         if plan.kind == "zarr":
             store.attrs[ATTRS_KEY] = done
