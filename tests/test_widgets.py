@@ -918,3 +918,43 @@ def test_correct_from_segmentation_inside_shapes_and_slice(viewer, notes):
     aw.correct_from_segmentation("slice")
     assert np.all(ann.data[0] > 0) and (0,) in c.complete_planes(ann)
     np.testing.assert_array_equal(np.asarray(ann.data[1]), data[1])
+
+
+def test_correction_clicks_keys_and_saved_edits(viewer, notes, tmp_path):
+    from types import SimpleNamespace
+
+    from napari.utils.key_bindings import KeyBinding
+
+    from napari_unet._widgets import _annotations as A
+    from napari_unet._widgets.annotate import SHORTCUTS
+
+    image, truth = _disks((96, 96), seed=2)
+    img = viewer.add_image(image, name="d")
+    c.put_output(viewer, truth, img, "labels")
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    ann = aw.correct_from_segmentation("image")
+    for key, _ in SHORTCUTS.values():  # the shortcuts are bound on the annotation layer
+        assert KeyBinding.from_str(key) in ann.keymap
+    # the click tools: one click deletes, two clicks merge (no painting meanwhile)
+    aw.delete_button.setChecked(True)
+    assert ann.mode == "pan_zoom"
+    aw._on_click(ann, SimpleNamespace(position=_centre(truth == 1)))
+    assert np.all(ann.data[truth == 1] == 1)
+    aw.merge_button.setChecked(True)
+    assert not aw.delete_button.isChecked()
+    aw._on_click(ann, SimpleNamespace(position=_centre(truth == 3)))
+    aw._on_click(ann, SimpleNamespace(position=_centre(truth == 4)))
+    assert len(np.unique(ann.data[(truth == 3) | (truth == 4)])) == 1
+    # a click on background only warns
+    aw._on_click(ann, SimpleNamespace(position=(0.0, 0.0)))
+    assert "no cell" in aw.status.plain() and not _errors(notes)
+    edited = A.edited_mask(ann)
+    assert edited[truth == 1].all() and edited[truth == 4].all()
+    # saved next to the annotation and restored on load
+    saved = aw.save_to(tmp_path)
+    assert (tmp_path / "d_edited.tif").is_file()
+    for name in list(viewer.layers):
+        viewer.layers.remove(name)
+    layer = aw.load_from(saved)
+    np.testing.assert_array_equal(A.edited_mask(layer), edited)
+    assert not _errors(notes), notes

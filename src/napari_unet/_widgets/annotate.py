@@ -747,6 +747,16 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
     def _merge_step(self, position: Any) -> correct.Edit | None:
         """First call remembers a cell, the second merges the two."""
         if self._merge_first is None:
+            layer = self._checked_annotation()
+            if layer is None:
+                return None
+            lead, yx = self._plane_point(position)
+            plane = np.asarray(layer.data[L.annotation_plane_key(layer.data.shape, lead)])
+            try:  # say at once when the first point misses a cell
+                correct.merge_objects(plane, yx, yx, gap=0)
+            except ValueError as exc:
+                self.status.warning(str(exc))
+                return None
             self._merge_first = position
             self.status.set("merge: now the second cell")
             return None
