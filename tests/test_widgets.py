@@ -948,8 +948,14 @@ def test_correction_clicks_keys_and_saved_edits(viewer, notes, tmp_path):
     # a click on background only warns
     aw._on_click(ann, SimpleNamespace(position=(0.0, 0.0)))
     assert "no cell" in aw.status.plain() and not _errors(notes)
+    # a hand stroke on the converted segmentation counts as a correction too
+    y, x = 5, 90
+    assert truth[y, x] == 0 and not A.edited_mask(ann)[y, x]
+    ann.brush_size = 3
+    ann.paint((y, x), 9)
     edited = A.edited_mask(ann)
-    assert edited[truth == 1].all() and edited[truth == 4].all()
+    assert edited[y, x] and edited[truth == 1].all() and edited[truth == 4].all()
+    assert not edited[truth == 2].any()
     # saved next to the annotation and restored on load
     saved = aw.save_to(tmp_path)
     assert (tmp_path / "d_edited.tif").is_file()

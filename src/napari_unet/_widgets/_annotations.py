@@ -134,6 +134,30 @@ def record_edit(layer: Any, lead: tuple[int, ...], changed: np.ndarray) -> None:
     edited[annotation_plane_key(shape, lead)] |= np.asarray(changed, bool)
 
 
+def record_strokes(layer: Any, atoms: Any) -> None:
+    """OR the pixels of napari paint-history atoms (a ``Labels.events.paint`` value) into
+    the edited mask: brush, fill and erase strokes on a converted segmentation are fixes.
+
+    Handles napari's fancy-index ``(indices, old, new)`` atoms and its masked atoms
+    (``slice_key`` + ``mask``); anything else is skipped (never break painting).
+    """
+    meta = annotation_meta(layer)
+    shape = tuple(layer.data.shape)
+    edited = meta.get("edited")
+    if not isinstance(edited, np.ndarray) or edited.shape != shape:
+        edited = np.zeros(shape, bool)
+        meta["edited"] = edited
+    for atom in atoms or ():
+        key, mask = getattr(atom, "slice_key", None), getattr(atom, "mask", None)
+        try:
+            if key is not None:
+                edited[tuple(key)] |= True if mask is None else np.asarray(mask, bool)
+            elif isinstance(atom, tuple) and len(atom) == 3:
+                edited[tuple(atom[0])] = True
+        except (IndexError, ValueError, TypeError):
+            continue
+
+
 def remember_painted(layer: Any, lead: tuple[int, ...], label: int) -> None:
     """Remember a cell id the user paints by hand as a missed cell (see :func:`edited_mask`)."""
     painted = annotation_meta(layer).setdefault("painted_cells", [])

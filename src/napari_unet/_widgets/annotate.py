@@ -491,12 +491,21 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
             layer.bind_key(key, getattr(self, f"_key_{name}"), overwrite=True)
         if self._on_click not in layer.mouse_drag_callbacks:
             layer.mouse_drag_callbacks.append(self._on_click)
+        layer.events.paint.connect(self._on_paint)
 
     def _unhook_corrections(self, layer: Labels) -> None:
         for key, _ in SHORTCUTS.values():
             layer.bind_key(key, None, overwrite=True)
         if self._on_click in layer.mouse_drag_callbacks:
             layer.mouse_drag_callbacks.remove(self._on_click)
+        layer.events.paint.disconnect(self._on_paint)
+
+    def _on_paint(self, event: Any) -> None:
+        """Hand strokes on an annotation converted from a segmentation are corrections."""
+        layer = self.annotation_layer()
+        meta = None if layer is None else layer.metadata.get(L.TAG)
+        if isinstance(meta, dict) and meta.get("from_segmentation"):
+            A.record_strokes(layer, getattr(event, "value", None))
 
     # ---- correct from segmentation
 
@@ -565,6 +574,7 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
         if out.max() <= np.iinfo(layer.data.dtype).max:
             out = out.astype(layer.data.dtype)
         layer.data = out
+        A.annotation_meta(layer)["from_segmentation"] = seg.name
         # The converted region is fully annotated: whole planes, or the drawn shapes.
         if region == "image":
             for plane_lead in np.ndindex(shape[:-2]):
