@@ -470,8 +470,8 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
         self.delete_button.setCheckable(True)
         self.merge_button.setCheckable(True)
         lay.addLayout(grid)
-        keys = QLabel("<br>".join(f"<b>{key.replace('-', '+')}</b> {text}"
-                                  for key, text in SHORTCUTS.values()))
+        keys = QLabel("Keys, with the annotation layer selected:<br>" + "<br>".join(
+            f"<b>{key.replace('-', '+')}</b> {text}" for key, text in SHORTCUTS.values()))
         keys.setWordWrap(True)
         lay.addWidget(keys)
         self.edited_label = QLabel("")
@@ -479,11 +479,22 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
         lay.addWidget(self.edited_label)
         self.actions_layout.addWidget(box)
 
+        self.region_combo.currentIndexChanged.connect(self._on_region_changed)
+        self._on_region_changed()
         self.convert_button.clicked.connect(lambda: self.correct_from_segmentation())
         self.delete_button.toggled.connect(lambda on: self._set_tool("delete", on))
         self.merge_button.toggled.connect(lambda on: self._set_tool("merge", on))
         self.split_button.clicked.connect(self._split_button)
         self.paint_button.clicked.connect(lambda: self.paint_missed())
+
+    def _on_region_changed(self, *_: Any) -> None:
+        inside = self.region_combo.currentData() == "rectangles"
+        self.shapes_combo.setEnabled(inside)
+        image = self.image_layer()
+        if inside and self.shapes_combo.layer() is None and image is not None:
+            regions = A.find_regions_layer(self.viewer, image.name)
+            if regions is not None:  # drawn for "fully annotated": the natural choice
+                self.shapes_combo.set_layer(regions)
 
     def _hook_corrections(self, layer: Labels) -> None:
         """Shortcuts and the click tools on the annotation layer."""
