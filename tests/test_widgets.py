@@ -882,7 +882,7 @@ def test_correct_from_segmentation_then_delete_merge_split_paint(viewer, notes, 
         assert edited[cell & (seg > 0)].all()
     assert not edited[truth == 10].any()
     assert not _errors(notes), notes
-    assert "corrected cell" in aw.edited_label.text()
+    assert aw.edited_label.text().startswith("5 correction(s)")  # 2 deletes, merge, split, paint
     ann.undo()  # the edits are undoable like painting
     assert np.all(ann.data[missed] != label)
 
@@ -918,6 +918,15 @@ def test_correct_from_segmentation_inside_shapes_and_slice(viewer, notes):
     aw.correct_from_segmentation("slice")
     assert np.all(ann.data[0] > 0) and (0,) in c.complete_planes(ann)
     np.testing.assert_array_equal(np.asarray(ann.data[1]), data[1])
+    # edits act on the plane of the point, and are recorded there only
+    cell = truth[1] == cut[0]  # a cell the rectangles converted
+    ys, xs = np.nonzero(cell)
+    plane0 = np.array(ann.data[0])
+    assert aw.delete_at((1, ys.mean(), xs.mean())) is not None
+    assert np.all(ann.data[1][cell] == 1)
+    np.testing.assert_array_equal(ann.data[0], plane0)
+    edited = A.edited_mask(ann)
+    assert edited[1][cell].all() and not edited[0].any()
 
 
 def test_correction_clicks_keys_and_saved_edits(viewer, notes, tmp_path):
