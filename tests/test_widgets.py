@@ -897,6 +897,11 @@ def test_correct_from_segmentation_inside_shapes_and_slice(viewer, notes):
     c.put_output(viewer, truth, img, "labels")  # as the Segment widget leaves it
     aw = _dock(viewer, AnnotateWidget(viewer))
     aw.image_combo.set_layer(img)
+    wrong = viewer.add_labels(np.zeros((96, 96), np.uint16), name="wrong")
+    aw.annotation_combo.set_layer(wrong)
+    assert aw.correct_from_segmentation("image") is None
+    assert "needs (2, 96, 96)" in _errors(notes)[-1] and not wrong.data.any()
+    viewer.layers.remove(wrong)
     assert aw.correct_from_segmentation("rectangles") is None  # no shapes yet
     assert "Shapes" in _errors(notes)[-1] or "shapes" in aw.status.plain()
     notes.clear()

@@ -562,6 +562,11 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
         layer = self.annotation_layer() or self.create_annotation()
         if layer is None:
             return None
+        if tuple(layer.data.shape) != shape:
+            self.status.error(f"annotation {layer.name!r} has shape {tuple(layer.data.shape)} "
+                              f"but {image.name!r} needs {shape}: pick another layer under "
+                              "'Annotation' or choose '(new)'")
+            return None
         data = np.asarray(layer.data)
         lead = self._current_lead() or ()
         try:
