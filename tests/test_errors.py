@@ -320,6 +320,40 @@ def test_train_uses_the_sidecar_of_the_annotate_widget(files, tmp_path, capsys, 
     (pair,) = seen["pairs"]
     assert pair.complete is not None and pair.complete.sum() == 50
     assert pair.complete[:5, :10].all()
+    assert pair.edited is None
+
+
+def test_train_weighs_the_cells_corrected_in_the_annotate_widget(files, tmp_path, capsys,
+                                                                 monkeypatch):
+    import tifffile
+
+    from napari_unet.annotation_file import edited_mask
+
+    ann = tmp_path / "gray_annotation.tif"
+    ann.write_bytes((files / "gray_annotation.tif").read_bytes())
+    shape = tifffile.imread(ann).shape
+    edited = np.zeros(shape, np.uint8)
+    edited[:6, :8] = 1
+    tifffile.imwrite(tmp_path / "gray_edited.tif", edited)
+    write_sidecar(ann, image=None, image_layer="gray", channel_axis=None, complete_planes=[],
+                  complete_rectangles=[], edited="gray_edited.tif")
+    seen = {}
+
+    def capture(model, pairs, config):
+        seen["pairs"] = pairs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "Trainer", capture)
+    argv = _train_argv(files, tmp_path / "m.safetensors")
+    argv[4] = ann
+    assert run_cli(capsys, *argv)[0] == 130
+    (pair,) = seen["pairs"]
+    assert pair.edited is not None and pair.edited.sum() == 48 and pair.edited[:6, :8].all()
+    with pytest.raises(ValueError, match="has shape"):
+        edited_mask((3, *shape), read_sidecar(ann))
+    (tmp_path / "gray_edited.tif").unlink()
+    with pytest.raises(ValueError, match="cannot read the corrected-cells mask"):
+        edited_mask(shape, read_sidecar(ann))
 
 
 def test_sidecar_planes_and_rectangles_on_a_stack(tmp_path):

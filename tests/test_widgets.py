@@ -967,3 +967,171 @@ def test_train_hands_the_best_snapshot_not_the_last_to_segment(viewer, notes, qt
     assert sw.model_picker.label() == entry.label
     assert "validation AP 0.60 (start 0.50, step 5" in sw.model_info.text()
     assert w.loss_plot.series["validation AP"]["y"] == pytest.approx([0.5, 0.6, 0.5])
+# ---------------------------------------------------------------- corrections
+
+
+def _centre(mask: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    return float(ys.mean()), float(xs.mean())
+
+
+def _press(viewer, aw, name, yx):
+    """The Annotate widget's shortcut ``name`` with the mouse over ``yx`` (as the key does)."""
+    viewer.cursor.position = tuple(float(v) for v in yx)
+    getattr(aw, f"_key_{name}")(aw.annotation_layer())
+
+
+def test_correct_from_segmentation_then_delete_merge_split_paint(viewer, notes, qtbot,
+                                                                 trained_model):
+    from napari_unet._widgets import _annotations as A
+
+    image, truth = _disks((128, 128), seed=1)
+    viewer.add_image(image, name="img")
+    sw = _segment_widget(viewer, trained_model)
+    sw.run()
+    _wait_done(qtbot, sw)
+    seg = np.asarray(c.owned_layer(viewer, "labels", "img").data)
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    assert aw.image_layer().name == "img"
+    # a cell the user painted before converting is kept (never overwritten)
+    ann = aw.create_annotation()
+    user_cell = truth == 1
+    ann.data = np.where(user_cell, 50, 0).astype(ann.data.dtype)
+    assert aw.correct_from_segmentation("image") is ann
+    assert not _errors(notes), notes
+    data = np.asarray(ann.data)
+    assert np.all(data[user_cell] == 50)
+    rest = ~user_cell
+    np.testing.assert_array_equal(data[rest] >= 2, seg[rest] > 0)
+    assert np.all(data[rest & (seg == 0)] == 1)
+    assert c.complete_planes(ann) == {()}
+    assert A.edited_mask(ann) is None  # converting is not a correction
+
+    # delete: the cell under the cursor becomes background
+    gone = truth == 3
+    _press(viewer, aw, "delete", _centre(gone))
+    assert np.all(ann.data[gone & (seg > 0)] == 1)
+    # merge: over one cell of a touching pair, then over the other
+    a, b = truth == 5, truth == 6
+    _press(viewer, aw, "merge", _centre(a))
+    _press(viewer, aw, "merge", _centre(b))
+    merged = np.unique(ann.data[a | b])
+    assert len(merged) == 1 and merged[0] >= 2
+    # split the merged pair along a line drawn between the two centres
+    (ya, xa), (yb, xb) = _centre(a), _centre(b)
+    xm = (xa + xb) / 2
+    lines = aw.split_lines_layer()
+    lines.add([np.array([[min(ya, yb) - 16, xm], [max(ya, yb) + 16, xm]])], shape_type="path")
+    aw._key_split(lines)
+    ida, idb = np.bincount(ann.data[a]).argmax(), np.bincount(ann.data[b]).argmax()
+    assert ida != idb and min(ida, idb) >= 2 and len(lines.data) == 0
+    # paint a missed cell (after deleting it): it gets the next free id
+    missed = truth == 8
+    _press(viewer, aw, "delete", _centre(missed))
+    top = int(ann.data.max())
+    label = aw.paint_missed(missed)
+    assert label == top + 1 and np.all(ann.data[missed] == label)
+    _press(viewer, aw, "paint", (0, 0))  # the key selects the next id and the brush
+    assert ann.selected_label == label + 1 and ann.mode == "paint"
+    # the edited mask covers every corrected cell, and no untouched one
+    edited = A.edited_mask(ann)
+    for cell in (gone, a, b, missed):
+        assert edited[cell & (seg > 0)].all()
+    assert not edited[truth == 10].any()
+    assert not _errors(notes), notes
+    assert aw.edited_label.text().startswith("5 correction(s)")  # 2 deletes, merge, split, paint
+    ann.undo()  # the edits are undoable like painting
+    assert np.all(ann.data[missed] != label)
+
+
+def test_correct_from_segmentation_inside_shapes_and_slice(viewer, notes):
+    from napari_unet._widgets import _annotations as A
+
+    planes = [_disks((96, 96), seed=s) for s in range(2)]
+    stack = np.stack([p[0] for p in planes])
+    truth = np.stack([p[1] for p in planes])
+    img = viewer.add_image(stack, name="st")
+    c.put_output(viewer, truth, img, "labels")  # as the Segment widget leaves it
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    aw.image_combo.set_layer(img)
+    wrong = viewer.add_labels(np.zeros((96, 96), np.uint16), name="wrong")
+    aw.annotation_combo.set_layer(wrong)
+    assert aw.correct_from_segmentation("image") is None
+    assert "needs (2, 96, 96)" in _errors(notes)[-1] and not wrong.data.any()
+    viewer.layers.remove(wrong)
+    assert aw.correct_from_segmentation("rectangles") is None  # no shapes yet
+    assert "Shapes" in _errors(notes)[-1] or "shapes" in aw.status.plain()
+    notes.clear()
+    shapes = viewer.add_shapes([np.array([[1, 0, 0], [1, 0, 30], [1, 30, 30], [1, 30, 0]])],
+                               shape_type="rectangle", name="boxes", ndim=3)
+    aw.shapes_combo.set_layer(shapes)
+    ann = aw.correct_from_segmentation("rectangles")
+    assert ann is not None and not _errors(notes), notes
+    data = np.asarray(ann.data)
+    assert not data[0].any()  # other planes stay unannotated
+    inside = np.asarray(shapes.to_masks((2, 96, 96)))[0, 1]  # napari's pixels of the box
+    assert inside[:30, :30].all() and not inside[40:].any()
+    cut = np.unique(truth[1][inside & (truth[1] > 0)])
+    grown = inside | np.isin(truth[1], cut)  # the region grows to whole cells
+    assert np.all(data[1][grown] > 0) and not data[1][~grown].any()
+    assert A.complete_mask(viewer, "st", ann)[1, 5, 5]
+    # the slice on screen (plane 0)
+    viewer.dims.set_point(0, 0)
+    aw.correct_from_segmentation("slice")
+    assert np.all(ann.data[0] > 0) and (0,) in c.complete_planes(ann)
+    np.testing.assert_array_equal(np.asarray(ann.data[1]), data[1])
+    # edits act on the plane of the point, and are recorded there only
+    cell = truth[1] == cut[0]  # a cell the rectangles converted
+    ys, xs = np.nonzero(cell)
+    plane0 = np.array(ann.data[0])
+    assert aw.delete_at((1, ys.mean(), xs.mean())) is not None
+    assert np.all(ann.data[1][cell] == 1)
+    np.testing.assert_array_equal(ann.data[0], plane0)
+    edited = A.edited_mask(ann)
+    assert edited[1][cell].all() and not edited[0].any()
+
+
+def test_correction_clicks_keys_and_saved_edits(viewer, notes, tmp_path):
+    from types import SimpleNamespace
+
+    from napari.utils.key_bindings import KeyBinding
+
+    from napari_unet._widgets import _annotations as A
+    from napari_unet._widgets.annotate import SHORTCUTS
+
+    image, truth = _disks((96, 96), seed=2)
+    img = viewer.add_image(image, name="d")
+    c.put_output(viewer, truth, img, "labels")
+    aw = _dock(viewer, AnnotateWidget(viewer))
+    ann = aw.correct_from_segmentation("image")
+    for key, _ in SHORTCUTS.values():  # the shortcuts are bound on the annotation layer
+        assert KeyBinding.from_str(key) in ann.keymap
+    # the click tools: one click deletes, two clicks merge (no painting meanwhile)
+    aw.delete_button.setChecked(True)
+    assert ann.mode == "pan_zoom"
+    aw._on_click(ann, SimpleNamespace(position=_centre(truth == 1)))
+    assert np.all(ann.data[truth == 1] == 1)
+    aw.merge_button.setChecked(True)
+    assert not aw.delete_button.isChecked()
+    aw._on_click(ann, SimpleNamespace(position=_centre(truth == 3)))
+    aw._on_click(ann, SimpleNamespace(position=_centre(truth == 4)))
+    assert len(np.unique(ann.data[(truth == 3) | (truth == 4)])) == 1
+    # a click on background only warns
+    aw._on_click(ann, SimpleNamespace(position=(0.0, 0.0)))
+    assert "no cell" in aw.status.plain() and not _errors(notes)
+    # a hand stroke on the converted segmentation counts as a correction too
+    y, x = 5, 90
+    assert truth[y, x] == 0 and not A.edited_mask(ann)[y, x]
+    ann.brush_size = 3
+    ann.paint((y, x), 9)
+    edited = A.edited_mask(ann)
+    assert edited[y, x] and edited[truth == 1].all() and edited[truth == 4].all()
+    assert not edited[truth == 2].any()
+    # saved next to the annotation and restored on load
+    saved = aw.save_to(tmp_path)
+    assert (tmp_path / "d_edited.tif").is_file()
+    for name in list(viewer.layers):
+        viewer.layers.remove(name)
+    layer = aw.load_from(saved)
+    np.testing.assert_array_equal(A.edited_mask(layer), edited)
+    assert not _errors(notes), notes

@@ -3,8 +3,8 @@
 The Annotate widget saves the painted labels as a TIFF and, next to it, a sidecar
 ``<stem>_annotation.json`` recording the image, its channel axis and the regions declared
 *fully annotated* (whole planes and rectangles), where unpainted pixels count as background.
-:func:`read_sidecar` and :func:`complete_mask` are the one reading of that sidecar, used by
-``napari-unet train`` and meant for the widget's reload too.
+:func:`read_sidecar`, :func:`complete_mask` and :func:`edited_mask` are the one reading of
+that sidecar, used by ``napari-unet train`` and meant for the widget's reload too.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class AnnotationInfo:
     complete_planes: list[tuple[int, ...]] = field(default_factory=list)
     # Rectangles (4 vertices x annotation ndim, in annotation pixel coordinates).
     complete_rectangles: list[np.ndarray] = field(default_factory=list)
+    # File (beside the sidecar) of the bool mask of cells the user corrected, if any.
+    edited: str | None = None
 
 
 def sidecar_path(annotation: str | os.PathLike) -> Path:
@@ -76,7 +78,35 @@ def read_sidecar(annotation: str | os.PathLike) -> AnnotationInfo | None:
             raise ValueError(f"{path}: a complete rectangle must be a list of vertices, "
                              f"got {r!r}")
         rects.append(arr)
-    return AnnotationInfo(path, meta.get("image"), meta.get("image_layer"), ch, planes, rects)
+    edited = meta.get("edited")
+    if edited is not None and not isinstance(edited, str):
+        raise ValueError(f"{path}: edited must be a file name or null, got {edited!r}")
+    return AnnotationInfo(path, meta.get("image"), meta.get("image_layer"), ch, planes, rects,
+                          edited)
+
+
+def edited_mask(shape: tuple[int, ...], info: AnnotationInfo | None) -> np.ndarray | None:
+    """Bool mask (annotation ``shape``) of the cells the user corrected, or None.
+
+    Read from the file the sidecar names (``<stem>_edited.tif``, written by the Annotate
+    widget); training weighs these pixels ``TrainConfig.edited_weight`` times more.
+    """
+    if info is None or not info.edited:
+        return None
+    import tifffile
+
+    path = info.path.with_name(Path(info.edited).name)
+    try:
+        mask = np.asarray(tifffile.imread(path)) > 0
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the corrected-cells mask {path} named in "
+                         f"{info.path.name}: {exc}; restore it or remove \"edited\" from "
+                         "the sidecar") from exc
+    if mask.shape != tuple(shape):
+        raise ValueError(f"{path} has shape {mask.shape} but the annotation {tuple(shape)}; "
+                         f"remove \"edited\" from {info.path.name} or save the annotation "
+                         "again from the Annotate widget")
+    return mask
 
 
 def complete_mask(shape: tuple[int, ...], info: AnnotationInfo | None) -> np.ndarray | None:
@@ -114,7 +144,7 @@ def complete_mask(shape: tuple[int, ...], info: AnnotationInfo | None) -> np.nda
 def write_sidecar(annotation: str | os.PathLike, *, image: str | None,
                   image_layer: str | None, channel_axis: int | None,
                   complete_planes: list[tuple[int, ...]],
-                  complete_rectangles: list[np.ndarray]) -> Path:
+                  complete_rectangles: list[np.ndarray], edited: str | None = None) -> Path:
     """Write the sidecar of an annotation file (the form :func:`read_sidecar` reads)."""
     path = sidecar_path(annotation)
     meta = {
@@ -124,6 +154,7 @@ def write_sidecar(annotation: str | os.PathLike, *, image: str | None,
         "conventions": {"0": "not annotated", "1": "background", ">=2": "one cell each"},
         "complete_planes": [list(p) for p in sorted(complete_planes)],
         "complete_rectangles": [np.asarray(r).tolist() for r in complete_rectangles],
+        "edited": edited,
     }
     path.write_text(json.dumps(meta, indent=1))
     return path

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import io, params
-from .annotation_file import complete_mask, read_sidecar
+from .annotation_file import complete_mask, edited_mask, read_sidecar
 from .augment import AugmentConfig
 from .batch import (
     BatchError,
@@ -320,6 +320,7 @@ def _training_pairs(args: argparse.Namespace) -> list:
             print(f"{lab_path}: {int(complete.sum())} pixel(s) declared fully annotated in "
                   f"{info.path.name}")
         pairs += pairs_from_arrays(image, labels, channel_axis=channel_axis, complete=complete,
+                                   edited=edited_mask(tuple(labels.shape), info),
                                    name=Path(img_path).name, rgb=args.rgb,
                                    rgb_option="--rgb {}", photometric_rgb=file_is_rgb(img_path))
     return pairs

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 ANNOTATION_SUFFIX = "_annotation.tif"
 SIDECAR_SUFFIX = "_annotation.json"
+EDITED_SUFFIX = "_edited.tif"  # bool mask of the cells the user corrected (1 = corrected)
 
 
 def annotation_name(image_name: str) -> str:
@@ -62,7 +63,10 @@ def save_to(widget: AnnotateWidget, folder: str | Path,
     sidecar = folder / f"{stem}{SIDECAR_SUFFIX}"
     source = getattr(getattr(image, "source", None), "path", None)
     image_path = Path(source) if source else folder / f"{stem}.tif"
-    targets = [ann_path, sidecar] + ([] if source else [image_path])
+    edited = A.edited_mask(layer)  # the user's corrections, weighed more in training
+    edited_path = folder / f"{stem}{EDITED_SUFFIX}"
+    targets = [ann_path, sidecar] + ([] if source else [image_path]) + \
+        ([] if edited is None else [edited_path])
     existing = [p for p in targets if p.exists()]
     if existing:
         if overwrite is None:
@@ -77,6 +81,10 @@ def save_to(widget: AnnotateWidget, folder: str | Path,
 
         tifffile.imwrite(image_path, np.asarray(L.layer_array(image)))
     io.write_labels(ann_path, layer.data, overwrite=True)
+    if edited is not None:
+        import tifffile
+
+        tifffile.imwrite(edited_path, edited.astype(np.uint8), compression="zlib")
     regions = A.find_regions_layer(widget.viewer, image.name)
     meta = {
         "image": str(image_path.resolve()),
@@ -85,6 +93,7 @@ def save_to(widget: AnnotateWidget, folder: str | Path,
         "channel": L.channel_pick(image),
         "conventions": {"0": "not annotated", "1": "background", ">=2": "one cell each"},
         "complete_planes": [list(p) for p in sorted(A.complete_planes(layer))],
+        "edited": None if edited is None else edited_path.name,
         "complete_rectangles": [] if regions is None else
         [np.asarray(s).tolist() for s, t in zip(regions.data, regions.shape_type,
                                                 strict=True) if t == "rectangle"],
@@ -157,6 +166,16 @@ def load_from(widget: AnnotateWidget, path: str | Path) -> Labels | None:
                           "complete_planes": [tuple(p) for p in
                                               meta.get("complete_planes", [])]}},
     )
+    if meta.get("edited"):
+        edited_path = path.with_name(meta["edited"])
+        try:
+            edited = np.asarray(io.read_image(edited_path)) > 0
+        except (OSError, ValueError) as exc:
+            edited = None
+            widget.status.warning(f"ignoring {edited_path.name} (unreadable: {exc}): the "
+                                  "corrected cells will not weigh more in training")
+        if edited is not None and edited.shape == annotation.shape:
+            layer.metadata[L.TAG]["edited"] = edited
     rects = meta.get("complete_rectangles") or []
     if rects:
         if A.find_regions_layer(widget.viewer, image.name) is None:

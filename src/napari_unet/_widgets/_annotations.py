@@ -114,3 +114,81 @@ def unpainted_objects(plane: np.ndarray | None, annotation: np.ndarray,
     peaks = peak_local_max(dist, min_distance=4, labels=blobs, exclude_border=False)
     return int(sum(not painted[y, x] and dist[y, x] ** 2 * np.pi >= min_size
                    for y, x in peaks))
+
+
+# ---------------------------------------------------------------- corrections
+
+
+def record_edit(layer: Any, lead: tuple[int, ...], changed: np.ndarray) -> None:
+    """OR a plane's ``changed`` pixels (from a ``correct.Edit``) into the layer's edited mask.
+
+    Kept in the layer metadata (``["napari_unet"]["edited"]``, bool, the annotation's shape)
+    so training can weigh the user's corrections above untouched predictions.
+    """
+    meta = annotation_meta(layer)
+    shape = tuple(layer.data.shape)
+    edited = meta.get("edited")
+    if not isinstance(edited, np.ndarray) or edited.shape != shape:
+        edited = np.zeros(shape, bool)
+        meta["edited"] = edited
+    edited[annotation_plane_key(shape, lead)] |= np.asarray(changed, bool)
+
+
+def record_strokes(layer: Any, atoms: Any) -> None:
+    """OR the pixels of napari paint-history atoms (a ``Labels.events.paint`` value) into
+    the edited mask: brush, fill and erase strokes on a converted segmentation are fixes.
+
+    Handles napari's fancy-index ``(indices, old, new)`` atoms and its masked atoms
+    (``slice_key`` + ``mask``); anything else is skipped (never break painting).
+    """
+    meta = annotation_meta(layer)
+    shape = tuple(layer.data.shape)
+    edited = meta.get("edited")
+    if not isinstance(edited, np.ndarray) or edited.shape != shape:
+        edited = np.zeros(shape, bool)
+        meta["edited"] = edited
+    for atom in atoms or ():
+        key, mask = getattr(atom, "slice_key", None), getattr(atom, "mask", None)
+        try:
+            if key is not None:
+                edited[tuple(key)] |= True if mask is None else np.asarray(mask, bool)
+            elif isinstance(atom, tuple) and len(atom) == 3:
+                edited[tuple(atom[0])] = True
+        except (IndexError, ValueError, TypeError):
+            continue
+
+
+def remember_painted(layer: Any, lead: tuple[int, ...], label: int) -> None:
+    """Remember a cell id the user paints by hand as a missed cell (see :func:`edited_mask`)."""
+    painted = annotation_meta(layer).setdefault("painted_cells", [])
+    entry = [list(lead), int(label)]
+    if entry not in painted:
+        painted.append(entry)
+
+
+def edited_mask(layer: Any) -> np.ndarray | None:
+    """Bool mask (annotation shape) of the cells the user corrected, or None if none.
+
+    Whole cells count (``correct.edited_objects``, per plane: ids may repeat across planes),
+    including cells painted by hand after "paint a missed cell". Pass it to
+    ``pairs_from_arrays(..., edited=edited_mask(layer))``.
+    """
+    from ..correct import edited_objects
+
+    meta = layer.metadata.get(TAG)
+    if not isinstance(meta, dict):
+        return None
+    data = np.asarray(layer.data)
+    edited = meta.get("edited")
+    mask = np.array(edited, bool) if isinstance(edited, np.ndarray) and \
+        edited.shape == data.shape else np.zeros(data.shape, bool)
+    for lead, label in meta.get("painted_cells", []):
+        if len(lead) == data.ndim - 2:
+            key = annotation_plane_key(data.shape, tuple(lead))
+            mask[key] |= data[key] == label
+    if not mask.any():
+        return None
+    for lead in np.ndindex(data.shape[:-2]):
+        if mask[lead].any():
+            mask[lead] = edited_objects(data[lead], mask[lead])
+    return mask

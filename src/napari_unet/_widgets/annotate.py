@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from napari.layers import Image, Labels
+from napari.layers import Image, Labels, Shapes
 from qtpy.QtCore import QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QFormLayout,
     QGridLayout,
     QGroupBox,
@@ -29,12 +30,22 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .. import correct
 from ..targets import BACKGROUND, FIRST_CELL
 from . import _annotation_io as _io
 from . import _annotations as A
 from . import _layers as L
 from . import _ui
 from ._annotation_io import ANNOTATION_SUFFIX, annotation_name
+
+# Correction shortcuts (Shift+letter: napari's Labels layer uses the plain letters).
+SHORTCUTS = {
+    "delete": ("Shift-D", "delete the cell under the cursor (it becomes background)"),
+    "merge": ("Shift-M", "merge: press over one cell, then over the other"),
+    "split": ("Shift-S", "split the cell crossed by the last line drawn in '… split lines'"),
+    "paint": ("Shift-N", "paint a missed cell: selects the next free id and the brush"),
+}
+REGIONS = {"image": "whole image", "slice": "slice on screen", "rectangles": "inside shapes"}
 
 UNPAINTED_WARN = 5  # ask before "fully annotated" when this many objects look unpainted
 
@@ -151,6 +162,7 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
         self.actions_layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.actions)
         layout.addStretch(1)
+        self._build_corrections()
 
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.channel_combo.changed.connect(self._on_channel_changed)
@@ -213,10 +225,13 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
         if self._annotation is not None:
             for emitter in self._layer_emitters(self._annotation):
                 emitter.disconnect(self._schedule_counts)
+            self._unhook_corrections(self._annotation)
         self._annotation = layer
+        self._merge_first = None
         if layer is not None:
             for emitter in self._layer_emitters(layer):
                 emitter.connect(self._schedule_counts)
+            self._hook_corrections(layer)
             image = self.image_layer()
             if image is not None and layer.data.shape != self._expected_shape(image):
                 self.status.warning(
@@ -412,6 +427,378 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
             text += "<br>paint at least one cell (a value ≥ 2) to train"
         self.counts_label.setText(text)
         return cells, background
+
+    # ------------------------------------------------------------ corrections
+
+    def _build_corrections(self) -> None:
+        """The "Correct a segmentation" group (in ``actions_layout``)."""
+        self._merge_first: Any = None  # position of the first cell of a merge
+        self._tool: str | None = None  # "delete" / "merge": clicks on the annotation act
+        box = QGroupBox("Correct a segmentation")
+        lay = QVBoxLayout(box)
+        form = QFormLayout()
+        self.region_combo = QComboBox()
+        for key, text in REGIONS.items():
+            self.region_combo.addItem(text, key)
+        self.region_combo.setToolTip("which part of the Segment widget's labels to turn into "
+                                     "annotation (marked fully annotated)")
+        self.shapes_combo = L.LayerCombo(self.viewer, (Shapes,), none_text="(none)",
+                                         follow=False)
+        self.shapes_combo.setToolTip("Shapes layer whose rectangles bound the region for "
+                                     "'inside shapes' (e.g. the complete-regions layer)")
+        form.addRow("Region", self.region_combo)
+        form.addRow("Shapes", self.shapes_combo)
+        lay.addLayout(form)
+        self.convert_button = QPushButton("Correct from segmentation")
+        self.convert_button.setToolTip(
+            "copy the image's segmentation (Segment widget) into the annotation: cells keep "
+            "their ids (≥ 2), the rest of the region becomes background (1); pixels you "
+            "painted already are kept")
+        lay.addWidget(self.convert_button)
+        grid = QGridLayout()
+        self.delete_button = QPushButton("Delete (click)")
+        self.merge_button = QPushButton("Merge (2 clicks)")
+        self.split_button = QPushButton("Split along line")
+        self.paint_button = QPushButton("Paint missed cell")
+        for k, (button, name) in enumerate(((self.delete_button, "delete"),
+                                            (self.merge_button, "merge"),
+                                            (self.split_button, "split"),
+                                            (self.paint_button, "paint"))):
+            key, text = SHORTCUTS[name]
+            button.setToolTip(f"{text} [{key}]")
+            grid.addWidget(button, k // 2, k % 2)
+        self.delete_button.setCheckable(True)
+        self.merge_button.setCheckable(True)
+        lay.addLayout(grid)
+        keys = QLabel("Keys, with the annotation layer selected:<br>" + "<br>".join(
+            f"<b>{key.replace('-', '+')}</b> {text}" for key, text in SHORTCUTS.values()))
+        keys.setWordWrap(True)
+        lay.addWidget(keys)
+        self.edited_label = QLabel("")
+        self.edited_label.setWordWrap(True)
+        lay.addWidget(self.edited_label)
+        self.actions_layout.addWidget(box)
+
+        self.region_combo.currentIndexChanged.connect(self._on_region_changed)
+        self._on_region_changed()
+        self.convert_button.clicked.connect(lambda: self.correct_from_segmentation())
+        self.delete_button.toggled.connect(lambda on: self._set_tool("delete", on))
+        self.merge_button.toggled.connect(lambda on: self._set_tool("merge", on))
+        self.split_button.clicked.connect(self._split_button)
+        self.paint_button.clicked.connect(lambda: self.paint_missed())
+
+    def _on_region_changed(self, *_: Any) -> None:
+        inside = self.region_combo.currentData() == "rectangles"
+        self.shapes_combo.setEnabled(inside)
+        image = self.image_layer()
+        if inside and self.shapes_combo.layer() is None and image is not None:
+            regions = A.find_regions_layer(self.viewer, image.name)
+            if regions is not None:  # drawn for "fully annotated": the natural choice
+                self.shapes_combo.set_layer(regions)
+
+    def _hook_corrections(self, layer: Labels) -> None:
+        """Shortcuts and the click tools on the annotation layer."""
+        for name, (key, _) in SHORTCUTS.items():
+            layer.bind_key(key, getattr(self, f"_key_{name}"), overwrite=True)
+        if self._on_click not in layer.mouse_drag_callbacks:
+            layer.mouse_drag_callbacks.append(self._on_click)
+        layer.events.paint.connect(self._on_paint)
+
+    def _unhook_corrections(self, layer: Labels) -> None:
+        for key, _ in SHORTCUTS.values():
+            layer.bind_key(key, None, overwrite=True)
+        if self._on_click in layer.mouse_drag_callbacks:
+            layer.mouse_drag_callbacks.remove(self._on_click)
+        layer.events.paint.disconnect(self._on_paint)
+
+    def _on_paint(self, event: Any) -> None:
+        """Hand strokes on an annotation converted from a segmentation are corrections."""
+        layer = self.annotation_layer()
+        meta = None if layer is None else layer.metadata.get(L.TAG)
+        if isinstance(meta, dict) and meta.get("from_segmentation"):
+            A.record_strokes(layer, getattr(event, "value", None))
+
+    # ---- correct from segmentation
+
+    def segmentation_layer(self) -> Labels | None:
+        """The Segment widget's labels of the current image (its tagged output), if any."""
+        image = self.image_layer()
+        return None if image is None else L.owned_layer(self.viewer, "labels", image.name)
+
+    def correct_from_segmentation(self, region: str | None = None) -> Labels | None:
+        """Copy the image's segmentation into its annotation inside ``region`` ("image",
+        "slice", "rectangles"; default the widget's choice) and mark that region fully
+        annotated. Pixels already painted in the annotation are kept (new cells get ids
+        above the annotation's). Returns the annotation layer, or None (reason in status).
+        """
+        region = region or self.region_combo.currentData()
+        image = self.image_layer()
+        if image is None:
+            self.status.error(L.image_problem(None))
+            return None
+        seg = self.segmentation_layer()
+        if seg is None:
+            self.status.error(f"no segmentation of {image.name!r}: run the Segment widget on "
+                              "it first (its labels layer is what gets corrected)")
+            return None
+        shape = self._expected_shape(image)
+        if tuple(seg.data.shape) != shape:
+            self.status.error(f"the segmentation {seg.name!r} has shape "
+                              f"{tuple(seg.data.shape)} but {image.name!r} needs {shape}: "
+                              "segment the whole image again with the current 'Channels'")
+            return None
+        shapes = None
+        if region == "rectangles":
+            shapes = self.shapes_combo.layer()
+            if shapes is None or not len(shapes.data):
+                self.status.error("'inside shapes': pick a Shapes layer under 'Shapes' and "
+                                  "draw rectangles around the cells to correct")
+                return None
+            if shapes.ndim != len(shape):
+                self.status.error(f"Shapes layer {shapes.name!r} has {shapes.ndim} "
+                                  f"dimensions but the annotation {len(shape)}: draw the "
+                                  "rectangles in a layer made for this image")
+                return None
+        layer = self.annotation_layer() or self.create_annotation()
+        if layer is None:
+            return None
+        if tuple(layer.data.shape) != shape:
+            self.status.error(f"annotation {layer.name!r} has shape {tuple(layer.data.shape)} "
+                              f"but {image.name!r} needs {shape}: pick another layer under "
+                              "'Annotation' or choose '(new)'")
+            return None
+        data = np.asarray(layer.data)
+        lead = self._current_lead() or ()
+        try:
+            if region == "slice":
+                key = L.annotation_plane_key(shape, lead)
+                plane, mask = correct.labels_to_annotation(
+                    np.asarray(seg.data[key]), base=data[key] if data[key].any() else None)
+                out = data.astype(np.int32)
+                out[key] = plane
+                cells = len(np.unique(plane[mask & (plane >= FIRST_CELL)]))
+            else:
+                mask = None if shapes is None else \
+                    np.asarray(shapes.to_masks(shape)).any(axis=0)
+                out, mask = correct.labels_to_annotation(
+                    np.asarray(seg.data), mask, base=data if data.any() else None)
+                cells = sum(len(np.unique(out[k][mask[k] & (out[k] >= FIRST_CELL)]))
+                            for k in np.ndindex(shape[:-2]))  # ids repeat across planes
+        except ValueError as exc:
+            self.status.error(_ui.gui_message(str(exc)))
+            return None
+        if out.max() <= np.iinfo(layer.data.dtype).max:
+            out = out.astype(layer.data.dtype)
+        layer.data = out
+        A.annotation_meta(layer)["from_segmentation"] = seg.name
+        # The converted region is fully annotated: whole planes, or the drawn shapes.
+        if region == "image":
+            for plane_lead in np.ndindex(shape[:-2]):
+                A.set_plane_complete(layer, plane_lead, True)
+        elif region == "slice":
+            A.set_plane_complete(layer, lead, True)
+        elif shapes is not None and shapes is not A.find_regions_layer(self.viewer,
+                                                                        image.name):
+            regions = self._regions_layer(image, layer)
+            regions.add(list(shapes.data), shape_type=list(shapes.shape_type))
+        self._on_step()
+        where = REGIONS.get(region, region)
+        keys = ", ".join(k.replace("-", "+") for k, _ in SHORTCUTS.values())
+        self.status.set(f"{cells} cells from {seg.name!r} ({where}) are now in "
+                        f"{layer.name!r}: fix the errors ({keys}), then train")
+        self._activate(layer)
+        layer.mode = "pan_zoom"
+        return layer
+
+    def _regions_layer(self, image: Image, layer: Labels) -> Shapes:
+        shapes = A.find_regions_layer(self.viewer, image.name)
+        if shapes is None:
+            shapes = self.viewer.add_shapes(
+                ndim=layer.ndim, name=A.regions_layer_name(image.name),
+                scale=layer.scale, translate=layer.translate,
+                edge_color="yellow", face_color=[1, 1, 0, 0.08], edge_width=2,
+                metadata={L.TAG: {"role": "complete_regions", "image": image.name}},
+            )
+        return shapes
+
+    # ---- quick corrections (each one a pure function of correct.py)
+
+    def _plane_point(self, position: Any) -> tuple[tuple[int, ...], tuple[float, float]]:
+        """(leading indices, (y, x)) in the annotation of a data-coordinate position."""
+        layer = self.annotation_layer()
+        pos = np.asarray(position, float)
+        shape = layer.data.shape
+        lead = tuple(int(np.clip(round(v), 0, n - 1)) for v, n in zip(pos[:-2], shape[:-2],
+                                                                        strict=True))
+        return lead, (float(pos[-2]), float(pos[-1]))
+
+    def _cursor(self) -> Any:
+        """The mouse position in the annotation layer's data coordinates."""
+        return self.annotation_layer().world_to_data(self.viewer.cursor.position)
+
+    def _apply(self, lead: tuple[int, ...], make: Any) -> correct.Edit | None:
+        """Run ``make(plane) -> Edit`` on a plane, write the change undoably, record it."""
+        layer = self._checked_annotation()
+        if layer is None:
+            return None
+        key = L.annotation_plane_key(layer.data.shape, lead)
+        plane = np.asarray(layer.data[key])
+        try:
+            edit = make(plane)
+        except ValueError as exc:
+            self.status.warning(str(exc))
+            return None
+        if edit.annotation.max() > np.iinfo(layer.data.dtype).max:
+            self.status.error(f"cell id {int(edit.annotation.max())} does not fit the "
+                              f"{layer.data.dtype} annotation {layer.name!r}")
+            return None
+        diff = np.nonzero(edit.annotation != plane)
+        if diff[0].size:
+            index = tuple(np.full(diff[0].size, i) for i in lead) + diff
+            layer.data_setitem(index, edit.annotation[diff].astype(layer.data.dtype))
+        A.record_edit(layer, lead, edit.changed)
+        # A count, not the edited mask: that costs a pass over a whole stack per click.
+        n = A.annotation_meta(layer).get("n_corrections", 0) + 1
+        A.annotation_meta(layer)["n_corrections"] = n
+        self.edited_label.setText(f"{n} correction(s) recorded: the corrected cells weigh "
+                                  "more in training")
+        return edit
+
+    def delete_at(self, position: Any) -> correct.Edit | None:
+        """Delete the cell at ``position`` (annotation data coordinates)."""
+        lead, yx = self._plane_point(position)
+        edit = self._apply(lead, lambda p: correct.delete_object(p, yx))
+        if edit is not None:
+            self.status.set(f"deleted the cell at {tuple(round(v) for v in yx)}")
+        return edit
+
+    def merge_at(self, first: Any, second: Any) -> correct.Edit | None:
+        """Merge the cell at ``second`` into the cell at ``first``."""
+        lead, a = self._plane_point(first)
+        lead_b, b = self._plane_point(second)
+        if lead_b != lead:
+            self.status.warning("merge: both cells must be on the same slice")
+            return None
+        edit = self._apply(lead, lambda p: correct.merge_objects(p, a, b))
+        if edit is not None:
+            self.status.set(f"merged into cell {edit.label}")
+        return edit
+
+    def split_along(self, polyline: Any) -> correct.Edit | None:
+        """Split the cell crossed by ``polyline`` ((n, D) vertices, data coordinates)."""
+        pts = np.asarray(polyline, float)
+        lead, _ = self._plane_point(pts[0])
+        edit = self._apply(lead, lambda p: correct.split_object(p, pts[:, -2:]))
+        if edit is not None:
+            self.status.set(f"split cell {edit.label}")
+        return edit
+
+    def paint_missed(self, mask: np.ndarray | None = None,
+                     lead: tuple[int, ...] | None = None) -> int | None:
+        """Paint a missed cell: with ``mask`` (bool, one plane) at once, else select the
+        next free id and the brush so the user paints it; either way the cell counts as a
+        correction. Returns its id."""
+        layer = self._checked_annotation()
+        if layer is None:
+            return None
+        lead = self._current_lead() or () if lead is None else tuple(lead)
+        label = max(int(np.max(layer.data, initial=0)) + 1, FIRST_CELL)  # free on all planes
+        if mask is None:
+            self.next_cell_id()
+            A.remember_painted(layer, lead, label)
+            return label
+        edit = self._apply(lead, lambda p: correct.paint_cell(p, mask, label))
+        return None if edit is None else edit.label
+
+    def split_lines_layer(self) -> Shapes | None:
+        """The image's "split lines" Shapes layer (created in path mode when missing)."""
+        image, layer = self.image_layer(), self._checked_annotation()
+        if image is None or layer is None:
+            return None
+        name = f"{image.name} split lines"
+        if name in self.viewer.layers and isinstance(self.viewer.layers[name], Shapes):
+            return self.viewer.layers[name]
+        shapes = self.viewer.add_shapes(
+            ndim=layer.ndim, name=name, scale=layer.scale, translate=layer.translate,
+            edge_color="magenta", edge_width=1,
+            metadata={L.TAG: {"role": "split_lines", "image": image.name}})
+        shapes.bind_key(SHORTCUTS["split"][0], self._key_split, overwrite=True)
+        return shapes
+
+    def split_last_line(self) -> correct.Edit | None:
+        """Split along the last line drawn in the split-lines layer, then remove the line."""
+        shapes = self.split_lines_layer()
+        if shapes is None:
+            return None
+        if not len(shapes.data):
+            self._activate(shapes)
+            shapes.mode = "add_path"
+            self.status.set("draw a line across the cell to split (click points, "
+                            f"double-click to end), then press {SHORTCUTS['split'][0]}")
+            return None
+        # Made with the annotation's scale and translate: its data coordinates are ours.
+        edit = self.split_along(np.asarray(shapes.data[-1]))
+        if edit is not None:
+            shapes.selected_data = {len(shapes.data) - 1}
+            shapes.remove_selected()
+        return edit
+
+    def _split_button(self) -> None:
+        self.split_last_line()
+
+    def _set_tool(self, name: str, on: bool) -> None:
+        other = self.merge_button if name == "delete" else self.delete_button
+        if on:
+            other.setChecked(False)
+            layer = self._checked_annotation()
+            if layer is not None:
+                self._activate(layer)
+                layer.mode = "pan_zoom"  # clicks select cells instead of painting
+                self.status.set("click a cell to delete" if name == "delete" else
+                                "click the two cells to merge")
+        self._tool = name if on else (None if self._tool == name else self._tool)
+        self._merge_first = None
+
+    def _on_click(self, layer: Labels, event: Any) -> None:
+        if self._tool is None or layer.mode != "pan_zoom":
+            return
+        position = layer.world_to_data(event.position)
+        if self._tool == "delete":
+            self.delete_at(position)
+        else:
+            self._merge_step(position)
+
+    def _merge_step(self, position: Any) -> correct.Edit | None:
+        """First call remembers a cell, the second merges the two."""
+        if self._merge_first is None:
+            layer = self._checked_annotation()
+            if layer is None:
+                return None
+            lead, yx = self._plane_point(position)
+            plane = np.asarray(layer.data[L.annotation_plane_key(layer.data.shape, lead)])
+            try:  # say at once when the first point misses a cell
+                correct.merge_objects(plane, yx, yx, gap=0)
+            except ValueError as exc:
+                self.status.warning(str(exc))
+                return None
+            self._merge_first = position
+            self.status.set("merge: now the second cell")
+            return None
+        first, self._merge_first = self._merge_first, None
+        return self.merge_at(first, position)
+
+    # key callbacks (napari passes the layer); the tests call these as the keys do
+    def _key_delete(self, _layer: Any = None) -> None:
+        self.delete_at(self._cursor())
+
+    def _key_merge(self, _layer: Any = None) -> None:
+        self._merge_step(self._cursor())
+
+    def _key_split(self, _layer: Any = None) -> None:
+        self.split_last_line()
+
+    def _key_paint(self, _layer: Any = None) -> None:
+        self.paint_missed()
 
     # ------------------------------------------------------------ save / load
 

@@ -37,7 +37,7 @@ from ..targets import FIRST_CELL
 from ..train import TrainConfig, Trainer, TrainingPair, TrainProgress, pairs_from_arrays
 from . import _layers as L
 from . import _ui
-from ._annotations import annotation_of, complete_mask
+from ._annotations import annotation_of, complete_mask, edited_mask
 from ._forms import ConfigForm, Settings
 from ._models import DEVICES, MODEL_FILTER, REGISTRY, SCRATCH_LABEL, ModelPicker
 from ._plot import LossPlot
@@ -318,7 +318,8 @@ class TrainWidget(_ui.TabbedDock, QWidget):
             try:
                 complete = complete_mask(self.viewer, image.name, ann)
                 pairs += pairs_from_arrays(data, ann.data, channel_axis=axis,
-                                           complete=complete, name=image.name)
+                                           complete=complete, name=image.name,
+                                           edited=edited_mask(ann))
             except ValueError as exc:
                 return _ui.gui_message(str(exc))
         if len(channels) > 1:
