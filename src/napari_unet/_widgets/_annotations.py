@@ -125,13 +125,20 @@ def record_edit(layer: Any, lead: tuple[int, ...], changed: np.ndarray) -> None:
     Kept in the layer metadata (``["napari_unet"]["edited"]``, bool, the annotation's shape)
     so training can weigh the user's corrections above untouched predictions.
     """
+    edited = _edited_store(layer)
+    shape = edited.shape
+    edited[annotation_plane_key(shape, lead)] |= np.asarray(changed, bool)
+
+
+def _edited_store(layer: Any) -> np.ndarray:
+    """The layer's edited mask (annotation shape), created empty when missing or stale."""
     meta = annotation_meta(layer)
     shape = tuple(layer.data.shape)
     edited = meta.get("edited")
     if not isinstance(edited, np.ndarray) or edited.shape != shape:
         edited = np.zeros(shape, bool)
         meta["edited"] = edited
-    edited[annotation_plane_key(shape, lead)] |= np.asarray(changed, bool)
+    return edited
 
 
 def record_strokes(layer: Any, atoms: Any) -> None:
@@ -141,12 +148,7 @@ def record_strokes(layer: Any, atoms: Any) -> None:
     Handles napari's fancy-index ``(indices, old, new)`` atoms and its masked atoms
     (``slice_key`` + ``mask``); anything else is skipped (never break painting).
     """
-    meta = annotation_meta(layer)
-    shape = tuple(layer.data.shape)
-    edited = meta.get("edited")
-    if not isinstance(edited, np.ndarray) or edited.shape != shape:
-        edited = np.zeros(shape, bool)
-        meta["edited"] = edited
+    edited = _edited_store(layer)
     for atom in atoms or ():
         key, mask = getattr(atom, "slice_key", None), getattr(atom, "mask", None)
         try:

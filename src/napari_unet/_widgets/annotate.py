@@ -320,14 +320,7 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
             if image is None:
                 self.status.error(L.image_problem(None))
             return None
-        shapes = A.find_regions_layer(self.viewer, image.name)
-        if shapes is None:
-            shapes = self.viewer.add_shapes(
-                ndim=layer.ndim, name=A.regions_layer_name(image.name),
-                scale=layer.scale, translate=layer.translate,
-                edge_color="yellow", face_color=[1, 1, 0, 0.08], edge_width=2,
-                metadata={L.TAG: {"role": "complete_regions", "image": image.name}},
-            )
+        shapes = self._regions_layer(image, layer)
         self._activate(shapes)
         shapes.mode = "add_rectangle"
         return shapes
