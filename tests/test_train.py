@@ -9,6 +9,10 @@ from napari_unet.normalize import normalize
 from napari_unet.segment import segment
 from napari_unet.train import TrainConfig, Trainer, TrainingPair, train, train_config
 
+# One torch thread: the trained fixture (and so the numbers asserted below) must not depend
+# on how many cores the machine has.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _small_model():
     torch.manual_seed(0)
