@@ -49,6 +49,7 @@ from .model import (
     load_model,
     model_from_state,
 )
+from .tiling import drain
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 CONFIG_KEY = "napari-unet"
@@ -366,15 +367,9 @@ def export_model(
 
     ``test_image`` (Y, X) or (C, Y, X) gives the test input (default: the bundled sample).
     """
-    return _drain(export_model_iter(model, output, name=name, description=description,
+    return drain(export_model_iter(model, output, name=name, description=description,
                                     authors=authors, test_image=test_image,
                                     torchscript=torchscript, overwrite=overwrite))
-
-
-def _drain(gen: Generator[Any, None, Any]) -> Any:
-    from .tiling import drain
-
-    return drain(gen)
 
 
 def export_model_iter(

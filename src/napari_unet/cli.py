@@ -47,6 +47,7 @@ from .model import (
     UNet,
     check_model_output,
     inspect_model_file,
+    is_package_path,
     load_model,
     save_model,
 )
@@ -184,7 +185,7 @@ def _segment_client(args: argparse.Namespace):
 def cmd_segment(args: argparse.Namespace) -> int:
     # Settings, outputs and inputs are checked before a cluster starts or a plane is read.
     inference, postprocess = _inference_config(args), _postprocess_config(args)
-    package = args.model is not None and _is_package(args.model)
+    package = args.model is not None and is_package_path(args.model)
     if args.model is not None and not package:
         inspect_model_file(args.model)
     _check_inputs(args)
@@ -200,11 +201,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return code
 
 
-def _is_package(path: Path) -> bool:
-    """A bioimage.io package (zip, rdf.yaml or folder) rather than a .safetensors file."""
-    return path.suffix.lower() in (".zip", ".yaml") or path.is_dir()
-
-
 def _is_foreign_package(path: Path) -> bool:
     """A bioimage.io package that another tool made (napari-unet's own load as a UNet)."""
     from .bioimageio import is_package, napari_unet_config
@@ -215,7 +211,7 @@ def _is_foreign_package(path: Path) -> bool:
 def _segment_foreign(args: argparse.Namespace, jobs: list[Job]) -> int:
     """Run another tool's 2D bioimage.io model plane by plane through bioimageio.core."""
     from .bioimageio import ForeignModel
-    from .segment import label_key, output_shape, plane_indices, read_plane
+    from .segment import label_key, offset_ids, output_shape, plane_indices, read_plane
 
     foreign = ForeignModel(args.model, device="cpu" if args.device == "auto" else args.device)
     print(f"{args.model.name}: bioimage.io model '{foreign.descr.name}' run by "
@@ -230,8 +226,8 @@ def _segment_foreign(args: argparse.Namespace, jobs: list[Job]) -> int:
         offset = 0
         for key in tqdm(keys, desc=job.source.name, unit="plane", disable=None):
             plane = foreign.segment_plane(read_plane(image, key, axis))
-            labels[label_key(key, axis)] = np.where(plane > 0, plane + offset, 0)
-            offset = max(offset, int(labels.max()))
+            # The one id scheme of every entry point (consecutive, plane after plane).
+            labels[label_key(key, axis)], offset = offset_ids(plane, offset)
         io.write_labels(job.output, labels, overwrite=args.overwrite)
     return 0
 

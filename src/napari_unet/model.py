@@ -304,6 +304,11 @@ def inspect_model_file(path: str | os.PathLike) -> ModelConfig:
     return config
 
 
+def is_package_path(path: Path) -> bool:
+    """A bioimage.io package (zip, rdf.yaml or folder) rather than a .safetensors file."""
+    return path.suffix.lower() in (".zip", ".yaml") or path.is_dir()
+
+
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> UNet:
     """Load a model file (the bundled model when ``path`` is None) in eval mode.
 
@@ -311,7 +316,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     is built, and weights holding NaN or infinity are refused.
     """
     path = bundled_model_path() if path is None else Path(path)
-    if path.suffix.lower() in (".zip", ".yaml") or path.is_dir():
+    if is_package_path(path):
         # A bioimage.io package (napari-unet exported it): same model, other container.
         from .bioimageio import load_package_model
 

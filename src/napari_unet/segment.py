@@ -65,12 +65,12 @@ class InferenceConfig:
                 f"({2 * self.margin}) and smaller than the tile ({self.tile})")
 
 
-def check_against_model(config: InferenceConfig, model_config: Any,
-                        tile: int | None = None) -> None:
-    """Raise ConfigError unless tile (the resolved one, if given) and overlap fit the model
-    (multiples of its divisor, overlap smaller than the tile)."""
+def check_against_model(config: InferenceConfig, model_config: Any) -> None:
+    """Raise ConfigError unless the tile (when given) and overlap fit the model (multiples
+    of its divisor, overlap smaller than the tile); an automatic tile is checked once it is
+    chosen."""
     why, divisor = f"a model of depth {model_config.depth}", model_config.divisor
-    tile = tile if tile is not None else config.tile
+    tile = config.tile
     if tile is not None:
         check_multiple("InferenceConfig", "tile", tile, divisor, why)
         if config.overlap >= tile:
