@@ -14,7 +14,8 @@ from pixel values:
   (NIH3T3); instances are the 4-connected components.
 
 Images are returned 2D in their stored dtype, except colour PNGs (DSB 2018), which become
-float32 grey values on the 0-255 scale: alpha is dropped and R, G, B are averaged. Colour
+float32 grey values on the 0-255 scale: alpha is dropped and R, G, B weighted as luma
+(``napari_unet.normalize.to_gray``). Colour
 images with a bright background (brightfield / H&E: dark nuclei, grey mean above half the
 range) are inverted (``255 - grey``) so that nuclei are bright as in fluorescence; such
 samples have ``inverted=True``.
@@ -33,6 +34,8 @@ import imageio.v3 as iio
 import numpy as np
 import tifffile
 from scipy import ndimage as ndi
+
+from napari_unet.normalize import to_gray
 
 __all__ = [
     "DATASETS",
@@ -154,7 +157,8 @@ def _read(path: Path) -> np.ndarray:
 
 
 def _to_gray(image: np.ndarray, invert_bright: bool) -> tuple[np.ndarray, bool]:
-    """2D image from a stored one: colour -> float32 mean of R, G, B (alpha dropped).
+    """2D image from a stored one: colour -> float32 luma of R, G, B (alpha dropped), the
+    product's ``rgb="gray"`` and how dsb2018_train's colour images were stored.
 
     Only colour images are candidates for inversion (bright background, dark nuclei).
     """
@@ -163,7 +167,7 @@ def _to_gray(image: np.ndarray, invert_bright: bool) -> tuple[np.ndarray, bool]:
     if image.ndim != 3 or image.shape[-1] not in (3, 4):
         raise ValueError(f"expected a 2D or RGB(A) image, got shape {image.shape}")
     top = float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 1.0
-    gray = image[..., :3].astype(np.float32).mean(-1)
+    gray = to_gray(image)
     if invert_bright and gray.mean() > 0.5 * top:
         return (top - gray).astype(np.float32), True
     return gray, False

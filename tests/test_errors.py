@@ -96,6 +96,27 @@ def test_segment_reads_colour_as_planes_only_when_asked(files, tmp_path, capsys)
     assert tifffile.imread(tmp_path / "out.tif").shape == (64, 64, 3)
 
 
+def test_segment_converts_colour_to_luma_when_asked(files, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    grey = tifffile.imread(files / "rgb.tif")[..., 0].astype(np.float32)
+    # Unequal channels, so luma, a plain mean and any one channel all differ.
+    colour = np.stack([grey * 0.5, grey, 255 - grey * 0.8], -1) + rng.uniform(0, 5, (64, 64, 3))
+    colour = colour.clip(0, 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "c.tif", colour, photometric="rgb")
+    rc, err = run_cli(capsys, "segment", tmp_path / "c.tif", "-o", tmp_path / "out.tif",
+                      "--rgb", "gray", "--tile", "64", "--overlap", "32")
+    assert rc == 0, err
+    out = tifffile.imread(tmp_path / "out.tif")
+    luma = colour[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    expected = segment(luma, load_model(), tile=64, overlap=32)
+    assert out.shape == (64, 64) and out.max() > 0
+    np.testing.assert_array_equal(out, expected)
+    # The same output with the colour axis read as X is another run, never "up to date".
+    rc, err = run_cli(capsys, "segment", tmp_path / "c.tif", "-o", tmp_path / "out.tif",
+                      "--rgb", "none", "--tile", "64", "--overlap", "32")
+    assert_user_error(rc, err, "--overwrite")
+
+
 def test_python_api_converts_or_refuses_colour(files):
     rgb = tifffile.imread(files / "rgb.tif")
     model = load_model()

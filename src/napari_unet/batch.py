@@ -41,6 +41,7 @@ from .batch_plan import (
     OutputInUseError,
     Plan,
     StitchSettings,
+    as_segmented,
     file_digest,
     finalise,
     mark_done,
@@ -137,6 +138,7 @@ class PlaneTask:
     key: tuple
     channel_axis: int | None
     stride: int
+    rgb: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,9 +186,10 @@ class _PlaneReader:
 
 
 @functools.lru_cache(maxsize=8)
-def _open_image(path: str, mtime_ns: int) -> _PlaneReader:
+def _open_image(path: str, mtime_ns: int, rgb: str | None,
+                channel_axis: int | None) -> _PlaneReader:
     # Opening parses TIFF headers / zarr metadata; reuse it for the planes of one file.
-    return _PlaneReader(io.read_image(path))
+    return _PlaneReader(as_segmented(io.read_image(path), path, rgb, channel_axis))
 
 
 def _write_plane(task: PlaneTask, labels: np.ndarray) -> None:
@@ -203,7 +206,8 @@ def run_plane_iter(
     """Segment one plane into its store and mark it done; None if cancelled midway."""
     start = time.perf_counter()
     predictor = _cached_predictor(model.path, model.digest, model.inference_json)
-    image = _open_image(task.source, os.stat(task.source).st_mtime_ns)
+    image = _open_image(task.source, os.stat(task.source).st_mtime_ns, task.rgb,
+                        task.channel_axis)
     if blocks.needs_blocks(image.shape):
         return (yield from _run_huge_plane(task, image, predictor, postprocess, cancel, start))
     sink = PlaneSink()
@@ -287,6 +291,7 @@ def segment_batch(
     inference: InferenceConfig | None = None,
     postprocess: PostprocessConfig | None = None,
     channel_axis: int | str | None = "auto",
+    rgb: str | None = None,
     stitch: StitchSettings | None = None,
     client: Any | None = None,
     retries: int = 2,
@@ -300,6 +305,8 @@ def segment_batch(
         model_path: model file; None = the bundled model.
         channel_axis: an int, None (no channels) or "auto": the "c" axis recorded in the
             file (OME-Zarr, OME/ImageJ TIFF, see :func:`napari_unet.io.read_axes`).
+        rgb: how an input whose last axis holds colour samples is read: "gray" (luma),
+            "none" (as X); None refuses it (:func:`napari_unet.normalize.resolve_rgb`).
         stitch: link per-plane instances into 3D objects before writing the output.
         client: a ``dask.distributed.Client`` to run the planes on (see
             :func:`connect_scheduler`); None runs them here, one after another.
@@ -327,7 +334,7 @@ def segment_batch(
         drain(stitch_planes_iter(np.zeros((2, 1, 1), np.int32), **asdict(stitch) | {"axis": 0}))
     with ExitStack() as locks:  # the outputs' locks, released however the run ends
         plans = plan_jobs(locks, list(jobs), ref, model.config.in_channels, post,
-                          channel_axis, stitch, overwrite)
+                          channel_axis, stitch, overwrite, rgb)
         del model
         try:
             return (yield from _run(plans, ref, post, stitch, client, retries, overwrite,
@@ -345,7 +352,8 @@ def _run(plans: list[Plan], ref: ModelRef, post: PostprocessConfig,
          ) -> Generator[BatchProgress, None, BatchResult]:
     by_store = {str(p.store): p for p in plans}
     tasks = [
-        PlaneTask(str(p.job.source), str(p.store), i, p.keys[i], p.channel_axis, p.stride)
+        PlaneTask(str(p.job.source), str(p.store), i, p.keys[i], p.channel_axis, p.stride,
+                  p.rgb)
         for p in plans for i in p.todo
     ]
     result = BatchResult(planes_skipped=sum(len(p.keys) - len(p.todo) for p in plans))

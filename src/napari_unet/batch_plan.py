@@ -51,6 +51,7 @@ import zarr
 
 from . import atomic, io
 from .model import check_channels
+from .normalize import file_is_rgb, resolve_rgb
 from .postprocess import PostprocessConfig
 from .segment import check_image, label_key, output_shape, plane_indices
 from .stitch import stitch_planes_iter
@@ -337,6 +338,7 @@ class Plan:
     skip_reason: str | None = None
     remaining: int = 0
     output: str = ""
+    rgb: str | None = None  # how colour samples are read (see as_segmented)
 
 
 def resolve_channel_axis(channel_axis: int | str | None, axes: str | None,
@@ -435,15 +437,28 @@ def _create_store(store: Path, shape: tuple[int, ...], dtype: np.dtype,
             "complete": False, "plane_stride": stride, "source": run["input"]["path"]}
 
 
+def as_segmented(image: da.Array, path: str | Path, rgb: str | None,
+                 channel_axis: int | None) -> da.Array:
+    """An input as the run reads it: colour samples converted to grey with ``rgb="gray"``,
+    kept with ``"none"``, refused otherwise (:func:`napari_unet.normalize.resolve_rgb`)."""
+    return resolve_rgb(image, channel_axis=channel_axis, rgb=rgb,
+                       photometric_rgb=file_is_rgb(path), name=str(path), option="--rgb {}")
+
+
 def plan_job(job: Job, model: ModelRef, in_channels: int, post: PostprocessConfig,
              channel_axis: int | str | None, stitch: StitchSettings | None,
-             overwrite: bool) -> Plan:
+             overwrite: bool, rgb: str | None = None) -> Plan:
     """Decide what is left to do for one input (the caller holds the output's lock)."""
     src = Path(job.source)
     image = io.read_image(src)
-    shape = tuple(int(s) for s in image.shape)
     axes = io.read_axes(src)
-    ch = resolve_channel_axis(channel_axis, axes, len(shape))
+    ch = resolve_channel_axis(channel_axis, axes, image.ndim)
+    # The fingerprint is taken of what is segmented (grey when converted), so a run with
+    # another --rgb never resumes this one.
+    converted = as_segmented(image, src, rgb, ch)
+    if converted is not image:
+        image, axes = converted, (axes[:-1] if axes else None)
+    shape = tuple(int(s) for s in image.shape)
     check_image(shape, ch, name=str(src))
     check_channels(in_channels, shape[ch] if ch is not None else 1, what=str(src))
     out_shape = output_shape(shape, ch)
@@ -479,7 +494,8 @@ def plan_job(job: Job, model: ModelRef, in_channels: int, post: PostprocessConfi
         dtype = np.dtype(np.uint8)
     run = run_fingerprint(input_fingerprint(src, image, keys), ch, model, post, stride)
     record = run | {"stitch": asdict(stitch) if st_axis is not None else None}
-    plan = Plan(job, kind, final, store, out_shape, keys, [], ch, st_axis, stride, record)
+    plan = Plan(job, kind, final, store, out_shape, keys, [], ch, st_axis, stride, record,
+                rgb=rgb)
 
     if not overwrite and (final.exists() or final.is_symlink()):
         complete, old = _finished_record(kind, final)
@@ -514,7 +530,8 @@ def plan_job(job: Job, model: ModelRef, in_channels: int, post: PostprocessConfi
 
 def plan_jobs(stack: ExitStack, jobs: list[Job], model: ModelRef, in_channels: int,
               post: PostprocessConfig, channel_axis: int | str | None,
-              stitch: StitchSettings | None, overwrite: bool) -> list[Plan]:
+              stitch: StitchSettings | None, overwrite: bool,
+              rgb: str | None = None) -> list[Plan]:
     """Check every output, lock it (released when ``stack`` closes) and plan every input,
     so a bad file or path fails before hours of work."""
     check_outputs(jobs)
@@ -527,7 +544,7 @@ def plan_jobs(stack: ExitStack, jobs: list[Job], model: ModelRef, in_channels: i
         stack.callback(lock.release)
         try:
             plans.append(plan_job(job, model, in_channels, post, channel_axis, stitch,
-                                  overwrite))
+                                  overwrite, rgb))
         except OSError as exc:
             if exc.errno in OUTPUT_ERRNOS:
                 raise output_error(exc, final, "preparing the output") from exc

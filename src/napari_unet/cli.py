@@ -82,7 +82,8 @@ def _ranged(kind: type, what: str, **spec: Any) -> Callable[[str], Any]:
 
 
 _RGB_HELP = ("how an image whose last axis holds 3 or 4 colour samples (RGB/RGBA) is read: "
-             "gray = the mean of R, G and B (alpha dropped), none = the last axis is X "
+             "gray = luma of R, G and B (0.299/0.587/0.114, as the bundled model's colour "
+             "training images; alpha dropped), none = the last axis is X "
              "(default: refuse such an image with a message)")
 
 
@@ -153,11 +154,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
     for src in args.inputs:
         image = io.read_image(src)
         check_image_dtype(image.dtype, f"image {src}")
-        # The batch runner reads planes itself, so it can only take colour images as they
-        # are (--rgb none); converting them is for train and the Python API.
         resolve_rgb(image, channel_axis=args.channel_axis, rgb=args.rgb,
-                    photometric_rgb=file_is_rgb(src), name=str(src), option="--rgb {}",
-                    modes=("none",))
+                    photometric_rgb=file_is_rgb(src), name=str(src), option="--rgb {}")
 
 
 def _stitch_settings(args: argparse.Namespace) -> StitchSettings | None:
@@ -265,7 +263,7 @@ def _segment_napari_unet(args: argparse.Namespace, jobs: list[Job], inference: I
     gen = segment_batch(
         jobs, model_path=args.model, inference=inference, postprocess=postprocess,
         channel_axis="auto" if args.channel_axis is None else args.channel_axis,
-        stitch=_stitch_settings(args), client=client, retries=args.retries,
+        rgb=args.rgb, stitch=_stitch_settings(args), client=client, retries=args.retries,
         overwrite=args.overwrite,
     )
     try:
@@ -465,9 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-name", default="segmentation",
                    help="name of the labels written into an OME-Zarr input")
     _add_inference_args(p)
-    p.add_argument("--rgb", choices=["none"], default=None,
-                   help="none: read the last axis of an image with 3 or 4 samples there as X "
-                   "(default: refuse such a colour image with a message)")
+    p.add_argument("--rgb", choices=["gray", "none"], default=None, help=_RGB_HELP)
     params.add_arguments(p, PostprocessConfig, exclude=["mode"])
     p.add_argument("--semantic", action="store_true",
                    help="write classes (0 bg, 1 interior, 2 boundary) instead of instances")

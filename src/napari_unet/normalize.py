@@ -58,6 +58,17 @@ def normalize(
 # what kind of pixels an input holds: one check for the CLI, the widgets and the Python API
 
 RGB_MODES = ("gray", "none")
+# ITU-R BT.601 luma, the grey of the bundled model's colour training images (the DSB 2018
+# brightfield / H&E images in ../shared/data were stored this way), so a colour image
+# converted here looks to the model as its training images did.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_gray(image: Any) -> Any:
+    """Grey float32 from colour samples on the last axis (R, G, B; alpha ignored): the
+    weighted sum :data:`LUMA`. Lazy for dask arrays; reads only the first three samples."""
+    r, g, b = (image[..., i].astype(np.float32) * np.float32(w) for i, w in enumerate(LUMA))
+    return r + g + b
 
 
 def check_image_dtype(dtype: np.dtype, what: str = "image") -> None:
@@ -110,14 +121,13 @@ def file_is_rgb(path: Any) -> bool:
 
 def resolve_rgb(image: Any, *, channel_axis: int | None = None, rgb: str | None = None,
                 photometric_rgb: bool = False, name: str = "image",
-                option: str = "rgb={!r}", modes: tuple[str, ...] = RGB_MODES) -> Any:
+                option: str = "rgb={!r}") -> Any:
     """Recognise RGB/RGBA inputs and convert or refuse them; returns the image to use.
 
     ``rgb``: None refuses a colour image with a message naming the choices; ``"gray"``
-    converts it to one grey channel (the mean of R, G and B as float32, alpha dropped,
-    lazily for dask/zarr-backed arrays); ``"none"`` reads the last axis as X, unchanged.
-    ``option`` spells the choice for the message (``"--rgb {}"`` on the command line) and
-    ``modes`` lists the choices the caller offers.
+    converts it to one grey channel (:func:`to_gray`: luma of R, G and B as float32, alpha
+    dropped, lazily for dask/zarr-backed arrays); ``"none"`` reads the last axis as X, unchanged.
+    ``option`` spells the choice for the message (``"--rgb {}"`` on the command line).
     """
     if rgb is not None and rgb not in RGB_MODES:
         raise ValueError(f"rgb={rgb!r}: choose one of {', '.join(RGB_MODES)}")
@@ -128,16 +138,13 @@ def resolve_rgb(image: Any, *, channel_axis: int | None = None, rgb: str | None 
         if channel_axis is not None:
             raise ValueError(f"{name}: pass either a channel axis or {option.format('gray')}, "
                              "not both")
-        if not hasattr(image, "mean"):
+        if not hasattr(image, "astype"):
             image = np.asarray(image)
-        return image[..., :3].mean(axis=-1, dtype=np.float32)
+        return to_gray(image)
     kind = "RGBA" if shape[-1] == 4 else "RGB"
     why = " (the file is a colour image)" if photometric_rgb else ""
     what = (f"{name} has shape {shape}: its last axis looks like {kind} colour samples{why}, "
             "which would be segmented as image columns")
-    if "gray" in modes:
-        raise ValueError(f"{what}. Pass {option.format('gray')} to convert it to grey (mean of "
-                         f"R, G, B; alpha dropped), or {option.format('none')} if the last "
-                         "axis really is X")
-    raise ValueError(f"{what}. Save it as a grey image first (e.g. the mean of R, G and B), "
-                     f"or pass {option.format('none')} if the last axis really is X")
+    raise ValueError(f"{what}. Pass {option.format('gray')} to convert it to grey (luma of "
+                     f"R, G, B; alpha dropped), or {option.format('none')} if the last "
+                     "axis really is X")
