@@ -1,0 +1,263 @@
+"""Instance post-processing in torch, on the device that holds the maps.
+
+The same seeded watershed as :func:`napari_unet.postprocess.instances_from_probs` (the
+scikit-image reference and the CPU default), built from whole-image tensor operations so a
+GPU segments a plane without copying its maps to the host: only the int32 labels come back.
+
+- smoothing: scipy's ``gaussian_filter`` (truncate 4.0, mode "reflect"), separable, as
+  float32 multiply-adds of shifted views (no convolution: cuDNN's TF32 would round the
+  surface before it is thresholded);
+- connected components (4-connectivity, as ``ndimage.label``): minimum pixel index
+  propagated to the neighbours, with pointer jumping so a component converges in few
+  sweeps; ids are numbered by their first pixel in raster order, as ``ndimage.label`` does;
+- the watershed: a synchronous Bellman-Ford on the minimax ("flooding") order. A pixel is
+  flooded from the neighbour the priority flood would pop first: the highest bottleneck
+  level of its path from a seed, then the fewest steps on that level (scikit-image's
+  first-in-first-out order on plateaus), then the larger seed id. The three are packed into
+  one int64 key so a sweep is one max over the four neighbours;
+- sizes by ``bincount``; fill holes: background components that do not touch the plane
+  border and whose neighbours are all one label; relabelling by a cumulative sum (keeps the
+  order, as ``relabel_sequential``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .postprocess import DISTANCE, N_CLASSES, PostprocessConfig
+from .targets import BG, INTERIOR
+
+# Host syncs (convergence checks) only every this many sweeps: a sweep is cheap on a GPU and
+# a sync stalls the queue.
+_CHECK_EVERY = 4
+# Bits of the flooding key: the bottleneck level (float32 bits of a value in [0, 1] fit
+# in 30) sits above bit 33; the step count and the seed id share the 33 bits below.
+_LEVEL_SHIFT = 33
+
+
+def resolve_post_device(setting: str, device: torch.device) -> bool:
+    """Whether instance post-processing runs on ``device`` (True) or on the host's CPU.
+
+    ``auto``: on CUDA and MPS; on a CPU the scikit-image path is the faster one.
+    """
+    if setting == "device":
+        return True
+    if setting == "cpu":
+        return False
+    if setting == "auto":
+        return device.type in ("cuda", "mps")
+    raise ValueError(f"post_device must be 'auto', 'cpu' or 'device', got {setting!r}")
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """``scipy.ndimage.gaussian_filter(x, sigma)`` of an (H, W) float32 tensor."""
+    radius = int(truncate * sigma + 0.5)
+    if radius == 0:
+        return x
+    taps = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 / (sigma * sigma) * taps**2)
+    weights = (weights / weights.sum()).astype(np.float32).tolist()
+    for axis in (0, 1):
+        n = x.shape[axis]
+        # scipy's "reflect" (d c b a | a b c d | d c b a), for any radius: fold the index
+        # into one period of 2n.
+        i = torch.arange(-radius, n + radius, device=x.device) % (2 * n)
+        i = torch.where(i >= n, 2 * n - 1 - i, i)
+        padded = x.index_select(axis, i)
+        out = padded.narrow(axis, 0, n) * weights[0]
+        for k in range(1, 2 * radius + 1):
+            out += padded.narrow(axis, k, n) * weights[k]
+        x = out
+    return x
+
+
+def _neighbour_reduce(x: torch.Tensor, op, fill: int) -> torch.Tensor:
+    """``op`` (torch.minimum/maximum) of each pixel's 4 neighbours (``fill`` off the plane)."""
+    out = torch.full_like(x, fill)
+    out[1:] = x[:-1]
+    out[:-1] = op(out[:-1], x[1:])
+    out[:, 1:] = op(out[:, 1:], x[:, :-1])
+    out[:, :-1] = op(out[:, :-1], x[:, 1:])
+    return out
+
+
+def connected_components(mask: torch.Tensor) -> torch.Tensor:
+    """4-connected components of an (H, W) bool mask: int64, 0 outside, else 1 + the flat
+    index of the component's first pixel in raster order (so ids sort as ``ndimage.label``
+    numbers them).
+
+    Hooking and pointer jumping (Shiloach-Vishkin): every pixel points to a pixel of its
+    component with a smaller or equal index; each round, across every edge whose ends point
+    to different pixels, the larger pointer is hooked to the smaller (a scatter-min, so the
+    result does not depend on the order), then paths are halved. Rounds grow with the log
+    of the component size, not with its diameter.
+    """
+    h, w = mask.shape
+    n = h * w
+    index = torch.arange(n, device=mask.device, dtype=torch.int64)
+    grid = index.view(h, w)
+    # The mask's edges, listed once (one host sync each): later rounds touch only them.
+    right = grid[:, :-1][mask[:, :-1] & mask[:, 1:]]
+    down = grid[:-1][mask[:-1] & mask[1:]]
+    a_end, b_end = torch.cat([right, down]), torch.cat([right + 1, down + w])
+    parent = index.clone()
+    rounds = 0
+    while a_end.numel():
+        a, b = parent[a_end], parent[b_end]
+        if rounds % 2 == 0 and not bool((a != b).any()):
+            break
+        parent.scatter_reduce_(0, torch.maximum(a, b), torch.minimum(a, b), "amin")
+        parent = parent[parent[parent]]
+        rounds += 1
+    while True:  # full compression: every pixel points to its root
+        nxt = parent[parent]
+        if not bool((nxt != parent).any()):
+            break
+        parent = nxt[nxt]
+    return torch.where(mask, parent.view(h, w) + 1, 0)
+
+
+def _compact(ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Renumber ``ids`` (0 = none) to 1..n keeping their order; ids with ``keep[id]`` False
+    become 0. Returns the new ids and n."""
+    keep = keep.clone()
+    keep[0] = False
+    new = torch.cumsum(keep, 0)
+    new = torch.where(keep, new, 0)
+    return new[ids], int(new.max()) if new.numel() else 0
+
+
+def _seeds(core: torch.Tensor, min_seed_size: int) -> tuple[torch.Tensor, int]:
+    """Seeds numbered 1..n in raster order of their first pixel (as ``ndimage.label``)."""
+    cc = connected_components(core)
+    counts = torch.bincount(cc.view(-1), minlength=core.numel() + 1)
+    keep = counts >= max(min_seed_size, 1)
+    return _compact(cc, keep)
+
+
+def flood(surface: torch.Tensor, seeds: torch.Tensor, n_seeds: int,
+          mask: torch.Tensor) -> torch.Tensor:
+    """Seeded watershed of ``-surface`` restricted to ``mask`` (4-connectivity).
+
+    ``surface`` (H, W) float32 in [0, 1]; ``seeds`` int64 ids 1..``n_seeds``, 0 elsewhere.
+    Returns int64 labels; mask pixels no seed reaches stay 0 (as scikit-image's).
+    """
+    label_bits = max(1, n_seeds.bit_length())
+    step_bits = _LEVEL_SHIFT - label_bits
+    if step_bits < 4:
+        raise ValueError(f"{n_seeds} seeds are too many for the device watershed; use "
+                         "post_device='cpu'")
+    label_mask = (1 << label_bits) - 1
+    steps_max = (1 << step_bits) - 1
+    level = surface.clamp(0, 1).contiguous().view(torch.int32).to(torch.int64)
+    # The step field counts down from steps_max so that fewer steps is a larger key.
+    fresh = (level << _LEVEL_SHIFT) | (steps_max << label_bits)
+    key = torch.where(seeds > 0, fresh | seeds, 0)
+    free = mask & (seeds == 0)
+    one_step = 1 << label_bits
+    while True:
+        for _ in range(_CHECK_EVERY):
+            best = _neighbour_reduce(key, torch.maximum, 0)
+            # Reached below the path's bottleneck: this pixel is the new bottleneck, 0 steps
+            # on it; else one more step on the same level (saturating).
+            down = fresh | (best & label_mask)
+            steps = (best >> label_bits) & steps_max
+            same = best - torch.where(steps > 0, one_step, 0)
+            cand = torch.where((best >> _LEVEL_SHIFT) > level, down, same)
+            new = torch.where(free & (best > 0), cand, key)
+            changed = new != key
+            key = new
+        if not bool(changed.any()):
+            return key & label_mask
+
+
+def fill_holes(labels: torch.Tensor) -> torch.Tensor:
+    """Fill the background components that do not touch the border and border on one label
+    only (4-connectivity, as ``ndimage.binary_fill_holes`` per object)."""
+    h, w = labels.shape
+    n = h * w
+    bg = labels == 0
+    comp = connected_components(bg)
+    touches = torch.zeros(n + 1, dtype=torch.bool, device=labels.device)
+    for edge in (comp[0], comp[-1], comp[:, 0], comp[:, -1]):
+        touches[edge] = True
+    big = torch.iinfo(torch.int64).max
+    lo = torch.full((n + 1,), big, dtype=torch.int64, device=labels.device)
+    hi = torch.zeros(n + 1, dtype=torch.int64, device=labels.device)
+    target = comp.view(-1)  # labelled pixels are 0 there: they only touch slot 0
+    for direction in range(4):
+        nb = _shifted(labels, direction, 0).view(-1)
+        lo.scatter_reduce_(0, target, torch.where(nb > 0, nb, big), "amin")
+        hi.scatter_reduce_(0, target, nb, "amax")
+    fill = ~touches & (lo == hi) & (hi > 0)
+    return torch.where(bg & fill[comp], hi[comp], labels)
+
+
+def _shifted(x: torch.Tensor, direction: int, fill: int) -> torch.Tensor:
+    """Each pixel's neighbour above, below, left or right (``fill`` off the plane)."""
+    out = torch.full_like(x, fill)
+    if direction == 0:
+        out[1:] = x[:-1]
+    elif direction == 1:
+        out[:-1] = x[1:]
+    elif direction == 2:
+        out[:, 1:] = x[:, :-1]
+    else:
+        out[:, :-1] = x[:, 1:]
+    return out
+
+
+@torch.inference_mode()
+def instances_from_maps(background: torch.Tensor, interior: torch.Tensor,
+                        distance: torch.Tensor | None = None,
+                        config: PostprocessConfig | None = None) -> np.ndarray:
+    """The seeded watershed of :func:`postprocess.instances_from_probs` on (H, W) maps on
+    any torch device: P(background), P(interior), the distance map if the model has one.
+
+    Returns int32 labels 1..N on the host, numbered as the reference numbers them.
+    """
+    c = config or PostprocessConfig()
+    has_distance = distance is not None
+    seeds = c.seeds if c.seeds != "auto" else ("mix" if has_distance else "interior")
+    if seeds != "interior" and not has_distance:
+        raise ValueError(f"seeds={seeds!r} needs a model with a distance output; use 'auto'")
+    interior = interior.float()
+    if seeds == "interior":
+        surface, level = interior, c.seed_threshold
+    else:
+        dist = distance.float()  # type: ignore[union-attr]
+        surface = dist if seeds == "distance" else 0.5 * (interior + dist)
+        level = c.distance_threshold
+    if c.smooth_sigma > 0:
+        surface = gaussian_smooth(surface, c.smooth_sigma)
+    mask = (1.0 - background.float()) > c.foreground_threshold
+    if mask.numel() == 0:
+        return np.zeros(tuple(mask.shape), np.int32)
+    seed_ids, n_seeds = _seeds((surface > level) & mask, c.min_seed_size)
+    if n_seeds == 0:
+        return np.zeros(tuple(mask.shape), np.int32)
+    labels = flood(surface, seed_ids, n_seeds, mask)
+    if c.min_size > 1:
+        counts = torch.bincount(labels.view(-1), minlength=n_seeds + 1)
+        labels = torch.where((counts >= c.min_size)[labels], labels, 0)
+    if c.fill_holes:
+        labels = fill_holes(labels)
+    present = torch.bincount(labels.view(-1), minlength=n_seeds + 1) > 0
+    labels, _ = _compact(labels, present)
+    return labels.to(torch.int32).cpu().numpy()
+
+
+def instances_from_probs_torch(probs: torch.Tensor,
+                               config: PostprocessConfig | None = None) -> np.ndarray:
+    """:func:`postprocess.instances_from_probs` of a (3, H, W) or (4, H, W) tensor."""
+    if probs.ndim != 3 or probs.shape[0] not in (N_CLASSES, N_CLASSES + 1):
+        raise ValueError(
+            f"expected (3, H, W) class probabilities or (4, H, W) with a distance map, got "
+            f"shape {tuple(probs.shape)}")
+    distance = probs[DISTANCE] if probs.shape[0] > DISTANCE else None
+    return instances_from_maps(probs[BG], probs[INTERIOR], distance, config)
+
+
+__all__ = ["connected_components", "fill_holes", "flood", "gaussian_smooth",
+           "instances_from_maps", "instances_from_probs_torch", "resolve_post_device"]
