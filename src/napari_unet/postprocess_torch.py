@@ -172,26 +172,78 @@ def flood(surface: torch.Tensor, seeds: torch.Tensor, n_seeds: int,
             return key & label_mask
 
 
-def fill_holes(labels: torch.Tensor) -> torch.Tensor:
-    """Fill the background components that do not touch the border and border on one label
-    only (4-connectivity, as ``ndimage.binary_fill_holes`` per object)."""
+def fill_holes(labels: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """Fill each object's holes as ``postprocess._fill_holes`` does (4-connectivity): the
+    background pixels that no path avoiding the object links to the plane border, given to
+    the lowest such object.
+
+    On the device: a background component away from the border with one label around it is
+    that label's hole. Components with several labels around them (a small object inside a
+    nucleus's hole) are decided on the host on the (small) graph of regions.
+    """
     h, w = labels.shape
-    n = h * w
     bg = labels == 0
-    comp = connected_components(bg)
-    touches = torch.zeros(n + 1, dtype=torch.bool, device=labels.device)
+    cc = connected_components(bg)
+    comp, n_comp = _compact(cc, torch.bincount(cc.view(-1), minlength=h * w + 1) > 0)
+    touches = torch.zeros(n_comp + 1, dtype=torch.bool, device=labels.device)
     for edge in (comp[0], comp[-1], comp[:, 0], comp[:, -1]):
         touches[edge] = True
     big = torch.iinfo(torch.int64).max
-    lo = torch.full((n + 1,), big, dtype=torch.int64, device=labels.device)
-    hi = torch.zeros(n + 1, dtype=torch.int64, device=labels.device)
+    lo = torch.full((n_comp + 1,), big, dtype=torch.int64, device=labels.device)
+    hi = torch.zeros(n_comp + 1, dtype=torch.int64, device=labels.device)
     target = comp.view(-1)  # labelled pixels are 0 there: they only touch slot 0
     for direction in range(4):
         nb = _shifted(labels, direction, 0).view(-1)
         lo.scatter_reduce_(0, target, torch.where(nb > 0, nb, big), "amin")
         hi.scatter_reduce_(0, target, nb, "amax")
-    fill = ~touches & (lo == hi) & (hi > 0)
-    return torch.where(bg & fill[comp], hi[comp], labels)
+    inner = ~touches & (hi > 0)
+    table = torch.where(inner & (lo == hi), hi, 0)
+    several = inner & (lo != hi)
+    if bool(several.any()):
+        table = torch.where(several, _enclosing(labels, comp, n_comp, n_labels, touches,
+                                                several), table)
+    return torch.where(bg, table[comp], labels)
+
+
+def _enclosing(labels: torch.Tensor, comp: torch.Tensor, n_comp: int, n_labels: int,
+               touches: torch.Tensor, several: torch.Tensor) -> torch.Tensor:
+    """For background components bordering several labels: the lowest label that cuts them
+    off from the plane border (0: none), from the region adjacency graph on the host."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as graph_components
+
+    stride = n_labels + 1
+    bg = labels == 0
+    pairs, links = [], []
+    for direction in range(4):
+        nb = _shifted(labels, direction, 0)
+        at = bg & (nb > 0)
+        pairs.append(comp[at] * stride + nb[at])
+        if direction in (1, 3):  # each label-label contact once
+            at = (labels > 0) & (nb > 0) & (labels != nb)
+            links.append(labels[at] * stride + nb[at])
+    pairs_h = torch.unique(torch.cat(pairs)).cpu().numpy()
+    links_h = torch.unique(torch.cat(links)).cpu().numpy()
+    rim = torch.cat([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    rim_h = torch.unique(rim[rim > 0]).cpu().numpy()
+    touches_h, several_h = touches.cpu().numpy(), several.cpu().numpy()
+    # Nodes: 0 the border (with every component touching it), 1..n_comp the other
+    # components, n_comp + label the labels.
+    pc, pl = pairs_h // stride, pairs_h % stride
+    src = np.concatenate([np.where(touches_h[pc], 0, pc), links_h // stride + n_comp,
+                          np.zeros(len(rim_h), np.int64)])
+    dst = np.concatenate([pl + n_comp, links_h % stride + n_comp, rim_h + n_comp])
+    n_nodes = n_comp + n_labels + 1
+    out = np.zeros(n_comp + 1, np.int64)
+    for a in np.unique(pl[several_h[pc]]):
+        keep = (src != a + n_comp) & (dst != a + n_comp)
+        graph = coo_matrix((np.ones(int(keep.sum()), np.int8), (src[keep], dst[keep])),
+                           shape=(n_nodes, n_nodes))
+        _, part = graph_components(graph, directed=False)
+        mine = np.unique(pc[(pl == a) & several_h[pc]])
+        cut = mine[(part[mine] != part[0]) & (out[mine] == 0)]
+        out[cut] = a
+    return torch.from_numpy(out).to(labels.device)
 
 
 def _shifted(x: torch.Tensor, direction: int, fill: int) -> torch.Tensor:
@@ -242,7 +294,7 @@ def instances_from_maps(background: torch.Tensor, interior: torch.Tensor,
         counts = torch.bincount(labels.view(-1), minlength=n_seeds + 1)
         labels = torch.where((counts >= c.min_size)[labels], labels, 0)
     if c.fill_holes:
-        labels = fill_holes(labels)
+        labels = fill_holes(labels, n_seeds)
     present = torch.bincount(labels.view(-1), minlength=n_seeds + 1) > 0
     labels, _ = _compact(labels, present)
     return labels.to(torch.int32).cpu().numpy()
