@@ -150,26 +150,38 @@ def flood(surface: torch.Tensor, seeds: torch.Tensor, n_seeds: int,
                          "post_device='cpu'")
     label_mask = (1 << label_bits) - 1
     steps_max = (1 << step_bits) - 1
-    level = surface.clamp(0, 1).contiguous().view(torch.int32).to(torch.int64)
+    h, w = mask.shape
+    n = h * w
+    level = surface.clamp(0, 1).contiguous().view(torch.int32).to(torch.int64).view(-1)
     # The step field counts down from steps_max so that fewer steps is a larger key.
     fresh = (level << _LEVEL_SHIFT) | (steps_max << label_bits)
-    key = torch.where(seeds > 0, fresh | seeds, 0)
-    free = mask & (seeds == 0)
+    # Flat keys with one extra slot, always 0, that stands for "off the plane".
+    key = torch.zeros(n + 1, dtype=torch.int64, device=mask.device)
+    key[:n] = torch.where(seeds.view(-1) > 0, fresh | seeds.view(-1), 0)
+    # Only the pixels to flood are swept (a band around each seed), by their own index and
+    # their 4 neighbours': a sweep costs the band, not the plane.
+    free = (mask & (seeds == 0)).view(-1).nonzero().squeeze(1)
+    y, x = free // w, free % w
+    neighbours = torch.stack([torch.where(y > 0, free - w, n), torch.where(y < h - 1, free + w, n),
+                              torch.where(x > 0, free - 1, n), torch.where(x < w - 1, free + 1, n)])
+    level, fresh = level[free], fresh[free]
+    current = key[free]
     one_step = 1 << label_bits
-    while True:
+    while free.numel():
         for _ in range(_CHECK_EVERY):
-            best = _neighbour_reduce(key, torch.maximum, 0)
+            best = key[neighbours].amax(0)
             # Reached below the path's bottleneck: this pixel is the new bottleneck, 0 steps
-            # on it; else one more step on the same level (saturating).
-            down = fresh | (best & label_mask)
+            # on it; else one more step on the same level (saturating). An unreached
+            # neighbourhood (best 0) stays 0.
             steps = (best >> label_bits) & steps_max
-            same = best - torch.where(steps > 0, one_step, 0)
-            cand = torch.where((best >> _LEVEL_SHIFT) > level, down, same)
-            new = torch.where(free & (best > 0), cand, key)
-            changed = new != key
-            key = new
+            cand = torch.where((best >> _LEVEL_SHIFT) > level, fresh | (best & label_mask),
+                               best - torch.where(steps > 0, one_step, 0))
+            key[free] = cand
+            changed = cand != current
+            current = cand
         if not bool(changed.any()):
-            return key & label_mask
+            break
+    return (key[:n] & label_mask).view(h, w)
 
 
 def fill_holes(labels: torch.Tensor, n_labels: int) -> torch.Tensor:
