@@ -67,7 +67,7 @@ def gaussian_smooth(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> tor
         padded = x.index_select(axis, i)
         out = padded.narrow(axis, 0, n) * weights[0]
         for k in range(1, 2 * radius + 1):
-            out += padded.narrow(axis, k, n) * weights[k]
+            out.add_(padded.narrow(axis, k, n), alpha=weights[k])  # one kernel per tap
         x = out
     return x
 
