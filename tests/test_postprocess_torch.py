@@ -170,8 +170,15 @@ def test_post_device_setting_and_segment_wiring(monkeypatch):
     def missing(*args, **kwargs):
         raise NotImplementedError("not on this backend")
 
-    monkeypatch.setattr(segment_mod, "instances_from_maps", missing)
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("no memory left")
+
     monkeypatch.setattr(segment_mod, "resolve_post_device", lambda setting, device: True)
+    monkeypatch.setattr(segment_mod, "instances_from_maps", out_of_memory)
+    np.testing.assert_array_equal(drain(segment_image(stack, predictor, postprocess=host)),
+                                  ref)  # auto: those planes on the host, the next tried again
+    assert not predictor.post_device_failed
+    monkeypatch.setattr(segment_mod, "instances_from_maps", missing)
     with pytest.raises(NotImplementedError):
         drain(segment_image(stack, predictor, postprocess=dev))
     out = drain(segment_image(stack, predictor, postprocess=host))

@@ -325,10 +325,12 @@ def infer_plane(
             labels = instances_from_maps(maps[BG], maps[INTERIOR], maps.get(DISTANCE),
                                          postprocess)
             return InferredPlane(None, n_out, labels)
-        except NotImplementedError:  # an operation this backend (e.g. MPS) lacks
+        except (NotImplementedError, torch.cuda.OutOfMemoryError) as exc:
+            # auto: an operation this backend (e.g. MPS) lacks moves post-processing to the
+            # host for good; a plane too large for the memory left, this plane only.
             if postprocess.post_device == "device":
                 raise
-            predictor.post_device_failed = True
+            predictor.post_device_failed = isinstance(exc, NotImplementedError)
             return InferredPlane({ch: m.cpu().numpy() for ch, m in maps.items()}, n_out)
     maps = yield from predictor.predict_iter(plane, channels=channels)
     return InferredPlane(maps, n_out)
