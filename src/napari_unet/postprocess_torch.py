@@ -246,13 +246,25 @@ def _enclosing(labels: torch.Tensor, comp: torch.Tensor, n_comp: int, n_labels: 
                           np.zeros(len(rim_h), np.int64)])
     dst = np.concatenate([pl + n_comp, links_h % stride + n_comp, rim_h + n_comp])
     n_nodes = n_comp + n_labels + 1
+    # Most such components are gaps between touching cells, open to the outside through
+    # them. Necessary for a label A to cut a component off: every other label around it
+    # is off the outside background (no component touching the border, not on the
+    # border). Only the candidates that pass get the exact test on the graph.
+    outside = np.zeros(n_labels + 1, bool)
+    outside[pl[touches_h[pc]]] = True
+    outside[rim_h] = True
+    around = several_h[pc]
+    n_outside = np.bincount(pc[around & outside[pl]], minlength=n_comp + 1)
+    # A candidate pair (component, A): A is the one outside label around it, or any
+    # label around it when none is outside.
+    cand = around & (n_outside[pc] <= 1) & (outside[pl] | (n_outside[pc] == 0))
     out = np.zeros(n_comp + 1, np.int64)
-    for a in np.unique(pl[several_h[pc]]):
+    for a in np.unique(pl[cand]):  # ascending: the lowest enclosing label wins
         keep = (src != a + n_comp) & (dst != a + n_comp)
         graph = coo_matrix((np.ones(int(keep.sum()), np.int8), (src[keep], dst[keep])),
                            shape=(n_nodes, n_nodes))
         _, part = graph_components(graph, directed=False)
-        mine = np.unique(pc[(pl == a) & several_h[pc]])
+        mine = np.unique(pc[cand & (pl == a)])
         cut = mine[(part[mine] != part[0]) & (out[mine] == 0)]
         out[cut] = a
     return torch.from_numpy(out).to(labels.device)
