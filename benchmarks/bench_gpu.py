@@ -50,9 +50,17 @@ from _common import (
 )
 
 from napari_unet.model import load_model
-from napari_unet.postprocess import PostprocessConfig
+from napari_unet.postprocess import DISTANCE, PostprocessConfig
+from napari_unet.postprocess_torch import instances_from_maps
 from napari_unet.sample import load_sample
-from napari_unet.segment import InferenceConfig, Predictor, post_workers, segment_image
+from napari_unet.segment import (
+    InferenceConfig,
+    Predictor,
+    instance_channels,
+    post_workers,
+    segment_image,
+)
+from napari_unet.targets import BG, INTERIOR
 from napari_unet.tiling import drain
 
 NAME = "bench_gpu"
@@ -217,6 +225,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lambda s: [default.predict(p) for p in s]) / n_planes
         per_plane["ours segment_image (post-processing on device)"] = timed(
             lambda s: drain(segment_image(s, default, postprocess=on_device))) / n_planes
+        # The device post-processing alone, on one plane's maps already on the device:
+        # what it adds to predict-only per plane.
+        maps = drain(default.predict_iter(stack[0], on_device=True, channels=instance_channels(
+            default.model_config, default.n_outputs)))
+        per_plane["ours post-processing alone on device (per plane)"] = timed(
+            lambda s: [instances_from_maps(maps[BG], maps[INTERIOR], maps.get(DISTANCE),
+                                           on_device) for _ in s]) / n_planes
+        del maps
         workers = post_workers(device)
         per_plane[f"ours segment_image (pipelined, {workers} post threads)"] = timed(
             lambda s: drain(segment_image(s, default, postprocess=on_host))) / n_planes
@@ -295,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speedup_vs_monai_matched_stack": get(rows_stack, "ours predict", "vs_monai_matched"),
         "stack_predict_mp_s": predict_mp, "stack_segment_image_mp_s": e2e_mp,
         "segment_image_vs_predict_stack": e2e_ratio,
+        "post_on_device_s_per_plane": get(rows_stack, "ours post-processing alone",
+                                          "median_s"),
         "segment_image_threads_vs_predict_stack":
             fmt(e2e_threads / predict_mp, 2) if predict_mp and e2e_threads else None,
         "segment_image_processes_vs_predict_stack":
