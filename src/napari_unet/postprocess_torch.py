@@ -7,17 +7,17 @@ GPU segments a plane without copying its maps to the host: only the int32 labels
 - smoothing: scipy's ``gaussian_filter`` (truncate 4.0, mode "reflect"), separable, as
   float32 multiply-adds of shifted views (no convolution: cuDNN's TF32 would round the
   surface before it is thresholded);
-- connected components (4-connectivity, as ``ndimage.label``): minimum pixel index
-  propagated to the neighbours, with pointer jumping so a component converges in few
-  sweeps; ids are numbered by their first pixel in raster order, as ``ndimage.label`` does;
+- connected components (4-connectivity, as ``ndimage.label``): hooking and pointer jumping
+  over the mask's edges, rounds growing with the log of a component's size; ids follow the
+  first pixel in raster order, as ``ndimage.label`` numbers them;
 - the watershed: a synchronous Bellman-Ford on the minimax ("flooding") order. A pixel is
   flooded from the neighbour the priority flood would pop first: the highest bottleneck
   level of its path from a seed, then the fewest steps on that level (scikit-image's
   first-in-first-out order on plateaus), then the larger seed id. The three are packed into
-  one int64 key so a sweep is one max over the four neighbours;
-- sizes by ``bincount``; fill holes: background components that do not touch the plane
-  border and whose neighbours are all one label; relabelling by a cumulative sum (keeps the
-  order, as ``relabel_sequential``).
+  one int64 key so a sweep is one max over the four neighbours of the pixels to flood;
+- sizes by ``bincount``; holes: background components cut off from the plane border by one
+  label (the lowest, as the per-object fill of the reference gives them); relabelling by a
+  cumulative sum (keeps the order, as ``relabel_sequential``).
 """
 
 from __future__ import annotations
@@ -70,16 +70,6 @@ def gaussian_smooth(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> tor
             out.add_(padded.narrow(axis, k, n), alpha=weights[k])  # one kernel per tap
         x = out
     return x
-
-
-def _neighbour_reduce(x: torch.Tensor, op, fill: int) -> torch.Tensor:
-    """``op`` (torch.minimum/maximum) of each pixel's 4 neighbours (``fill`` off the plane)."""
-    out = torch.full_like(x, fill)
-    out[1:] = x[:-1]
-    out[:-1] = op(out[:-1], x[1:])
-    out[:, 1:] = op(out[:, 1:], x[:, :-1])
-    out[:, :-1] = op(out[:, :-1], x[:, 1:])
-    return out
 
 
 def connected_components(mask: torch.Tensor) -> torch.Tensor:
