@@ -10,10 +10,12 @@ only if importable). On the same image, tile, overlap and batch:
   autocast dtype (channels_last + bf16/fp16), so the ratio isolates tiling and blending.
 
 Sections: (1) a 2048² image at our GPU defaults (auto tile/batch); (2) a 20×2048² stack:
-predict per plane, ``segment_image`` with post-processing (pipelined: post-processing in
-threads, then in a process pool), the serial path on a few planes, MONAI per plane; (3) a small
-sweep of tile/batch for our best setting, then MONAI at it. A time guard skips what would not
-fit. ``--smoke`` runs everything tiny on a CPU.
+predict per plane, ``segment_image`` with post-processing on the device (the GPU default,
+``PostprocessConfig.post_device``), on the host's CPU (scikit-image, pipelined: in threads,
+then in a process pool), the serial path on a few planes, MONAI per plane; (3) a small sweep
+of tile/batch for our best setting, then MONAI at it. Every row gets one full untimed pass
+first (CUDA context, cuDNN autotuning of each tile/batch shape, thread and process start-up).
+A time guard skips what would not fit. ``--smoke`` runs everything tiny on a CPU.
 
     python benchmarks/bench_gpu.py [--smoke] [--device cuda] [--out PATH]
 """
@@ -48,8 +50,17 @@ from _common import (
 )
 
 from napari_unet.model import load_model
+from napari_unet.postprocess import DISTANCE, PostprocessConfig
+from napari_unet.postprocess_torch import instances_from_maps
 from napari_unet.sample import load_sample
-from napari_unet.segment import InferenceConfig, Predictor, post_workers, segment_image
+from napari_unet.segment import (
+    InferenceConfig,
+    Predictor,
+    instance_channels,
+    post_workers,
+    segment_image,
+)
+from napari_unet.targets import BG, INTERIOR
 from napari_unet.tiling import drain
 
 NAME = "bench_gpu"
@@ -170,6 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return budget - (time.perf_counter() - t0)
 
     image = sample_plane(size, args.seed)
+    # One untimed pass before anything is timed: CUDA context, cuDNN autotuning at the
+    # default geometry (interleaved() then warms each row again).
+    default.predict(image)
+    sync(device)
 
     # ---- (1) 2D image at our defaults ---------------------------------------------------
     def section_2d(tile: int, batch: int, ours: dict[str, Callable]) -> list[dict]:
@@ -195,19 +210,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stack = np.stack([sample_plane(size, args.seed + 1 + i) for i in range(n_planes)])
         per_plane: dict[str, float] = {}
 
-        def timed(fn: Callable[[], Any]) -> float:
+        def timed(fn: Callable[[Any], Any]) -> float:
+            """Seconds for ``fn(stack)`` after one untimed pass over two planes."""
+            fn(stack[:2])
             sync(device)
             t = time.perf_counter()
-            fn()
+            fn(stack)
             sync(device)
             return time.perf_counter() - t
 
-        default.predict(stack[0])  # warm at this size
+        on_device = PostprocessConfig(post_device="device")
+        on_host = PostprocessConfig(post_device="cpu")
         per_plane["ours predict (per plane)"] = timed(
-            lambda: [default.predict(p) for p in stack]) / n_planes
+            lambda s: [default.predict(p) for p in s]) / n_planes
+        per_plane["ours segment_image (post-processing on device)"] = timed(
+            lambda s: drain(segment_image(s, default, postprocess=on_device))) / n_planes
+        # The device post-processing alone, on one plane's maps already on the device:
+        # what it adds to predict-only per plane.
+        maps = drain(default.predict_iter(stack[0], on_device=True, channels=instance_channels(
+            default.model_config, default.n_outputs)))
+        per_plane["ours post-processing alone on device (per plane)"] = timed(
+            lambda s: [instances_from_maps(maps[BG], maps[INTERIOR], maps.get(DISTANCE),
+                                           on_device) for _ in s]) / n_planes
+        del maps
         workers = post_workers(device)
         per_plane[f"ours segment_image (pipelined, {workers} post threads)"] = timed(
-            lambda: drain(segment_image(stack, default))) / n_planes
+            lambda s: drain(segment_image(s, default, postprocess=on_host))) / n_planes
         if left() > 0.3 * budget:
             # The same with post-processing in processes (no GIL), a long-lived pool as a
             # batch runner would keep; its start-up is timed apart.
@@ -217,15 +245,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             list(ex.map(time.sleep, [0.2] * 2 * n_proc))
             notes.append(f"process pool of {n_proc} started in {time.perf_counter() - t:.1f} s")
             per_plane[f"ours segment_image (pipelined, {n_proc} post processes)"] = timed(
-                lambda: drain(segment_image(stack, default, executor=ex,
-                                            workers=n_proc))) / n_planes
+                lambda s: drain(segment_image(s, default, postprocess=on_host, executor=ex,
+                                              workers=n_proc))) / n_planes
             ex.shutdown(wait=False, cancel_futures=True)
         else:
             skipped.append("process-pool segment_image row (time)")
         if left() > 0.2 * budget:
             k = min(n_serial, n_planes)
             per_plane["ours segment_image (serial, post in the same thread)"] = timed(
-                lambda: drain(segment_image(stack[:k], default, workers=0))) / k
+                lambda s: drain(segment_image(s[:k], default, postprocess=on_host,
+                                              workers=0))) / k
         else:
             skipped.append("serial segment_image row (time)")
         monai, why = monai_runners(device, default.tile, args.overlap, default.batch_size, amp)
@@ -233,8 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if left() < 0.1 * budget:
                 skipped.append(f"stack {name} (time)")
                 continue
-            fn(stack[0])
-            per_plane[name] = timed(lambda fn=fn: [fn(p) for p in stack]) / n_planes
+            per_plane[name] = timed(lambda s, fn=fn: [fn(p) for p in s]) / n_planes
         rows_stack = rows_of({k: [v] for k, v in per_plane.items()}, stack[0].size,
                              {"tile": default.tile, "batch": default.batch_size})
     else:
@@ -265,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return next((r[key] for r in rows if r["pipeline"].startswith(name)), None)
 
     predict_mp = get(rows_stack, "ours predict", "mp_s")
-    e2e_mp = get(rows_stack, "ours segment_image (pipelined", "mp_s")
+    e2e_mp = get(rows_stack, "ours segment_image (post-processing on device", "mp_s")
+    e2e_threads = get(rows_stack, "ours segment_image (pipelined", "mp_s")
     e2e_proc = next((r["mp_s"] for r in rows_stack if "processes" in r["pipeline"]), None)
     e2e_ratio = fmt(e2e_mp / predict_mp, 2) if predict_mp and e2e_mp else None
     vs_default = get(rows_default, "ours", "vs_monai_fp32")
@@ -282,6 +311,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speedup_vs_monai_matched_stack": get(rows_stack, "ours predict", "vs_monai_matched"),
         "stack_predict_mp_s": predict_mp, "stack_segment_image_mp_s": e2e_mp,
         "segment_image_vs_predict_stack": e2e_ratio,
+        "post_on_device_s_per_plane": get(rows_stack, "ours post-processing alone",
+                                          "median_s"),
+        "segment_image_threads_vs_predict_stack":
+            fmt(e2e_threads / predict_mp, 2) if predict_mp and e2e_threads else None,
         "segment_image_processes_vs_predict_stack":
             fmt(e2e_proc / predict_mp, 2) if predict_mp and e2e_proc else None,
         "targets": {

@@ -40,8 +40,11 @@ def test_gpu_check_smoke_without_napari_zarr_dask(tmp_path: Path) -> None:
     assert {"ours", "ours fp32", "MONAI fp32 NCHW"} <= names
     stack = {r["pipeline"].split(" (")[0] for r in data["stack"]}
     assert {"ours predict", "ours segment_image", "MONAI fp32 NCHW"} <= stack
+    assert "ours segment_image (post-processing on device)" in {r["pipeline"]
+                                                                 for r in data["stack"]}
     s = data["summary"]
     assert s["speedup_vs_monai_fp32_2d_default"] and s["segment_image_vs_predict_stack"]
+    assert s["segment_image_threads_vs_predict_stack"]
     assert set(s["targets"]) == {"vs_monai_fp32_at_defaults", "segment_image_vs_predict"}
 
 

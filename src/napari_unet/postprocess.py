@@ -40,6 +40,12 @@ class PostprocessConfig:
     distance_threshold: float = param(0.5, min=0, max=1, min_exclusive=True, advanced=True,
                                       help="level of the distance (or mix) surface above "
                                       "which a core seeds one cell")
+    # On a GPU the scikit-image watershed (about 1 s per 2048² plane and core) is what
+    # limits a stack; postprocess_torch runs the same steps where the maps already are.
+    post_device: str = param("auto", choices=("auto", "cpu", "device"), advanced=True,
+                             help="where instances are post-processed: on the device that "
+                             "predicted (torch) or on the CPU (scikit-image); auto: on a "
+                             "CUDA or MPS device, else on the CPU")
 
     def __post_init__(self) -> None:
         check(self)

@@ -5,8 +5,9 @@ dask or zarr arrays and written into ``out`` (which may be an on-disk zarr array
 stays bounded by a few planes whatever the stack size.
 
 One plane: :func:`segment_plane` = :func:`infer_plane` (on the device: upload, normalise,
-tile, predict, blend, reduce to what post-processing reads) + :func:`finish_plane` (on the
-host: watershed or argmax). :func:`segment_image` runs the two halves of successive planes
+tile, predict, blend, reduce to what post-processing reads; on a GPU the watershed too,
+``PostprocessConfig.post_device``) + :func:`finish_plane` (on the host: watershed, or
+nothing left to do). :func:`segment_image` runs the two halves of successive planes
 at the same time (see there); :func:`offset_ids` keeps instance ids unique across planes.
 """
 
@@ -28,7 +29,8 @@ from .device import auto_tiling, autocast, resolve_precision, select_device, to_
 from .model import ModelConfig, UNet, activate, check_channels, fuse_batchnorm
 from .normalize import _MAX_SAMPLES, check_finite, check_image_dtype, normalize, resolve_rgb
 from .params import ConfigError, check, check_multiple, param
-from .postprocess import PostprocessConfig, labels_from_probs
+from .postprocess import DISTANCE, PostprocessConfig, labels_from_probs
+from .postprocess_torch import instances_from_maps, resolve_post_device
 from .targets import BG, INTERIOR
 from .tiling import check_tiling, drain, relay, sliding_window_iter
 
@@ -195,6 +197,9 @@ class Predictor:
         self.normalize_on_device = self.device.type != "cpu"
         self._pinned: torch.Tensor | None = None
         self._uploaded: Any = None  # CUDA event: the last upload has left the pinned buffer
+        # Set when the device lacked an operation of device post-processing (auto then
+        # post-processes on the host from there on).
+        self.post_device_failed = False
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor, channels: Sequence[int] | None = None
@@ -247,12 +252,14 @@ class Predictor:
         *,
         channels: Sequence[int] | Mapping[int, torch.dtype] | None = None,
         argmax: bool = False,
+        on_device: bool = False,
     ) -> Generator[tuple[int, int], None, Any]:
         """Normalise one (H, W) or (C, H, W) plane and predict it tile by tile.
 
         Returns (K, H, W) float32 maps on the host: all of them, or only ``channels``; a
-        mapping channel -> dtype returns a dict of (H, W) arrays in those dtypes. With
-        ``argmax``: the (H, W) uint8 most likely class (reduced on the device).
+        mapping channel -> dtype returns a dict of (H, W) arrays in those dtypes (tensors
+        left on the device with ``on_device``). With ``argmax``: the (H, W) uint8 most
+        likely class (reduced on the device).
         """
         plane = np.asarray(plane)
         if plane.ndim == 2:
@@ -270,6 +277,8 @@ class Predictor:
         # Reduce/convert on the device, then copy back only that.
         if argmax:
             return maps.argmax(0).to(torch.uint8).cpu().numpy()
+        if isinstance(channels, Mapping) and on_device:
+            return {ch: m.to(dt) for (ch, dt), m in zip(channels.items(), maps, strict=True)}
         if isinstance(channels, Mapping):
             return {ch: m.to(dt).cpu().numpy()
                     for (ch, dt), m in zip(channels.items(), maps, strict=True)}
@@ -284,7 +293,8 @@ class Predictor:
 class InferredPlane:
     """What inference hands post-processing for one plane (host arrays): ``maps``, all
     (K, H, W) float32 maps or a dict channel -> (H, W) map of the channels post-processing
-    reads; or ``labels`` already (semantic labels are the argmax, taken on the device)."""
+    reads; or ``labels`` already (semantic labels are the argmax, taken on the device;
+    instances when post-processed on the device, see ``PostprocessConfig.post_device``)."""
 
     maps: np.ndarray | dict[int, np.ndarray] | None
     n_outputs: int
@@ -296,7 +306,8 @@ def infer_plane(
     keep_maps: bool = False,
 ) -> Generator[tuple[int, int], None, InferredPlane]:
     """The device half of :func:`segment_plane`: predict only what ``postprocess`` needs
-    (all maps in float32 with ``keep_maps``); yields (tiles done, total)."""
+    (all maps in float32 with ``keep_maps``); yields (tiles done, total). Instances are
+    post-processed here too when ``postprocess.post_device`` puts them on the device."""
     n_out = predictor.n_outputs
     if keep_maps:
         maps = yield from predictor.predict_iter(plane)
@@ -308,8 +319,29 @@ def infer_plane(
         raise ValueError("postprocessing mode must be 'instances' or 'semantic', got "
                          f"{postprocess.mode!r}")
     channels = instance_channels(predictor.model_config, n_out)
+    if post_on_device(predictor, postprocess):
+        maps = yield from predictor.predict_iter(plane, channels=channels, on_device=True)
+        try:
+            labels = instances_from_maps(maps[BG], maps[INTERIOR], maps.get(DISTANCE),
+                                         postprocess)
+            return InferredPlane(None, n_out, labels)
+        except (NotImplementedError, torch.cuda.OutOfMemoryError) as exc:
+            # auto: an operation this backend (e.g. MPS) lacks moves post-processing to the
+            # host for good; a plane too large for the memory left, this plane only.
+            if postprocess.post_device == "device":
+                raise
+            predictor.post_device_failed = isinstance(exc, NotImplementedError)
+            return InferredPlane({ch: m.cpu().numpy() for ch, m in maps.items()}, n_out)
     maps = yield from predictor.predict_iter(plane, channels=channels)
     return InferredPlane(maps, n_out)
+
+
+def post_on_device(predictor: Predictor, postprocess: PostprocessConfig) -> bool:
+    """Whether ``predictor``'s device post-processes instances (``post_device``; auto: CUDA
+    and MPS, unless the device lacked an operation before)."""
+    if postprocess.mode != "instances" or predictor.post_device_failed:
+        return False
+    return resolve_post_device(postprocess.post_device, predictor.device)
 
 
 def finish_plane(inferred: InferredPlane, postprocess: PostprocessConfig) -> np.ndarray:
@@ -382,15 +414,16 @@ def offset_ids(labels: np.ndarray, offset: int) -> tuple[np.ndarray, int]:
     return out, offset + top
 
 
-def post_workers(device: torch.device) -> int:
+def post_workers(device: torch.device, on_device: bool = False) -> int:
     """Post-processing threads for :func:`segment_image` on ``device``.
 
     On a CPU inference already keeps every core busy, so one thread suffices to overlap a
-    plane's watershed with the next plane's inference. With an accelerator the host cores
-    are otherwise idle, and one GPU outpaces several watersheds: all cores but one (which
-    feeds the device), at most 8.
+    plane's watershed with the next plane's inference; so it does when post-processing runs
+    on the device (``on_device``): the thread only writes finished labels. With an
+    accelerator and host post-processing the host cores are otherwise idle, and one GPU
+    outpaces several watersheds: all cores but one (which feeds the device), at most 8.
     """
-    if device.type == "cpu":
+    if device.type == "cpu" or on_device:
         return 1
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
@@ -494,7 +527,8 @@ def segment_image(
     if out is None:
         out = np.zeros(output_shape(shape, channel_axis), np.int32)
     keys = list(planes) if planes is not None else list(plane_indices(shape, channel_axis))
-    workers = post_workers(predictor.device) if workers is None else workers
+    if workers is None:
+        workers = post_workers(predictor.device, post_on_device(predictor, post))
     keep_maps = probabilities_out is not None
     start, offset = time.perf_counter(), 0
     pending: deque[tuple[tuple, Future[np.ndarray], np.ndarray | None]] = deque()
