@@ -198,14 +198,15 @@ def input_fingerprint(path: Path, image: da.Array, keys: list[tuple]) -> dict[st
 
 def run_fingerprint(input_fp: dict[str, Any], channel_axis: int | None, model: ModelRef,
                     post: PostprocessConfig, stride: int) -> dict[str, Any]:
-    """Everything a plane's labels depend on. Device and batch size do not change them, so
-    a run may be resumed on another machine."""
+    """Everything a plane's labels depend on. Device and batch size do not change them, nor
+    does where post-processing runs (``post_device``: the same watershed, equal up to rare
+    ties; scripts/postprocess_parity.py), so a run may be resumed on another machine."""
     inf = json.loads(model.inference_json)
     return {
         "input": input_fp, "channel_axis": channel_axis, "model": model.digest,
         "plane_stride": stride,
         "inference": {k: inf[k] for k in ("tile", "overlap", "margin", "blend", "precision")},
-        "postprocess": asdict(post),
+        "postprocess": {k: v for k, v in asdict(post).items() if k != "post_device"},
     }
 
 
