@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QWidget,
 )
@@ -138,7 +137,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip("stop after the current tile; finished planes are kept "
                                       "(untick 'keep finished planes' to discard them)")
-        self.progress = QProgressBar()
+        self.progress = _ui.ProgressBar()
         self.progress.setRange(0, 1000)
         self.progress.setValue(0)
         self.status = _ui.StatusBox()

@@ -23,7 +23,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QListWidget,
     QListWidgetItem,
-    QProgressBar,
     QPushButton,
     QWidget,
 )
@@ -134,7 +133,7 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self.stop_button.setToolTip("stop after the current step and keep the model as it is")
         self.save_button = QPushButton("Save model…")
         self.save_button.setEnabled(False)
-        self.progress = QProgressBar()
+        self.progress = _ui.ProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.status = _ui.StatusBox()
