@@ -285,6 +285,9 @@ def main() -> None:
     p.add_argument("--profile", type=float, default=0.0, metavar="MS",
                    help="sample the GUI thread's stack and print where it was in every gap "
                    "longer than MS (0: off)")
+    p.add_argument("--worker-nice", type=int, default=None,
+                   help="niceness the widgets' worker threads add (default: the widgets' "
+                   "own, _worker.WORKER_NICE; 0: off)")
     p.add_argument("--label", default="", help="free text stored with the results "
                    "(e.g. 'before' / 'after')")
     args = p.parse_args()
@@ -299,6 +302,14 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    import importlib
+
+    try:
+        worker = importlib.import_module("napari_unet._widgets._worker")
+    except ImportError:  # older widget code
+        worker = None
+    if args.worker_nice is not None and worker is not None:
+        worker.WORKER_NICE = args.worker_nice
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
             for _ in range(args.load)]
     rows = []
@@ -348,6 +359,7 @@ def main() -> None:
         "benchmark": "bench_gui", "mode": mode, "machine": machine_info(),
         "noise": noise.summary(),
         "config": {"steps": steps, "big": big, "load": args.load, "tick_ms": TICK_MS,
+                   "worker_nice": getattr(worker, "WORKER_NICE", None),
                    "label": args.label, "napari": napari.__version__},
         "tables": text, "phases": rows, "wall_s": round(time.perf_counter() - t_start, 1),
         "targets": {"max_ms": 100, "p99_ms": 50},

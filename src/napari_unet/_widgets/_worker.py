@@ -62,10 +62,11 @@ class Failure:
     traceback: str = ""
 
 
-def lower_thread_priority(increment: int = WORKER_NICE) -> bool:
+def lower_thread_priority(increment: int | None = None) -> bool:
     """Make the calling thread ``increment`` nicer than the GUI (main) thread (Linux only,
     where the niceness is per thread; elsewhere it would apply to the whole process).
     Threads it starts later inherit it. Returns whether it changed; never raises."""
+    increment = WORKER_NICE if increment is None else increment
     if not sys.platform.startswith("linux") or increment <= 0:
         return False
     try:

@@ -10,6 +10,7 @@ never overwritten. Stacks default to linking the planes' cells into 3D objects a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,19 +97,36 @@ class _SegmentJob(Job):
         self.linking = False  # stitching started: it runs to the end
         self.written: Any = None  # the output wrapper counting finished planes
         self.last: SegmentProgress | None = None
+        self.placeholders: list[Any] = []  # layers added for this run before it started
+
+
+@dataclass
+class _Output:
+    """What the worker returns: the output array and, for labels held in memory, their
+    compact copy and largest id (worked out in the worker: both read every pixel, tens of
+    ms for 2048² that the GUI thread spent before)."""
+
+    out: Any
+    labels: Any = None
+    top: int | None = None
 
 
 def _segment_job(model: UNet, config: InferenceConfig, image: Any, *,
                  stitch: dict[str, Any] | None, cancel: Any, **kwargs: Any) -> Any:
     """The worker's generator: put the model on its device, segment plane by plane, then
-    optionally link the planes' objects into 3D objects (in place)."""
+    optionally link the planes' objects into 3D objects (in place); returns an
+    :class:`_Output`."""
     predictor = Predictor(model, config)
     out = yield from segment_image(image, predictor, cancel=cancel, **kwargs)
     if stitch is not None and not cancel():
         # Once started, stitching runs to the end: its second pass renumbers the planes in
         # place, and stopping half-way would leave old and new ids mixed.
         out = yield from stitch_planes_iter(out, out=out, **stitch)
-    return out
+    raw = out.out if isinstance(out, _Written) else out
+    if isinstance(raw, np.ndarray):
+        labels = L.compact_labels(raw)
+        return _Output(out, labels, int(labels.max()) if labels.size else 0)
+    return _Output(out)
 
 
 class SegmentWidget(_ui.TabbedDock, QWidget):
@@ -376,6 +394,8 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         job = _SegmentJob(image.name, axis, scope, out, probs, key, store, post.mode)
         job.written = written
         self.job = job
+        if scope == WHOLE:
+            job.placeholders = self._prepare_outputs(image, out, probs, store)
         gen = _segment_job(model, config, data, channel_axis=axis, postprocess=post,
                            out=written, probabilities_out=probs, planes=planes,
                            cancel=job.cancel, stitch=stitch)
@@ -412,6 +432,23 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         except (OSError, ValueError) as exc:
             return self._fail(f"cannot create the labels store {store}: {exc}")
 
+    def _prepare_outputs(self, image: Any, out: Any, probs: Any,
+                         store: Path | None) -> list[Any]:
+        """Add the result layers now, on the click, when this image has none yet (see
+        ``_layers.placeholder_output``): empty labels (uint16 zeros, whose pages the OS
+        only allocates where napari reads; the labels store itself when there is one) and
+        the probabilities array the worker fills. Returns the layers added."""
+        layer_axis = L.default_channel_axis(image)
+        labels = out if store is not None else np.zeros(out.shape, np.uint16)
+        made = [L.placeholder_output(self.viewer, labels, image, "labels",
+                                     channel_axis=layer_axis)]
+        if probs is not None:
+            made.append(L.placeholder_output(
+                self.viewer, probs, image, "probabilities", kind="image",
+                channel_axis=layer_axis, colormap="magma", contrast_limits=(0.0, 1.0),
+                visible=False))
+        return [layer for layer in made if layer is not None]
+
     def cancel(self) -> None:
         """Stop after the current tile; finished planes are kept or discarded (see status)."""
         if self.runner.stop():
@@ -434,14 +471,15 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.status.set(f"plane {p.plane + 1}/{p.n_planes} · tile {p.tiles_done}/"
                         f"{p.tiles_total} · ETA {_ui.format_seconds(left)}")
 
-    def _on_returned(self, out: Any) -> None:
+    def _on_returned(self, result: _Output) -> None:
         job = self.job
         if job is None or job.image_name not in self.viewer.layers:
+            if job is not None:
+                L.remove_layers(self.viewer, job.placeholders)
             self.status.warning("the image layer was removed: the segmentation was "
                                 "discarded")
             return
-        if isinstance(out, _Written):
-            out = out.out
+        out = result.out.out if isinstance(result.out, _Written) else result.out
         image = self.viewer.layers[job.image_name]
         cancelled = job.stop and not job.linking
         if job.scope == CURRENT:
@@ -451,16 +489,17 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
                 return
         else:
             labels, probs = out, job.probabilities
+            if result.labels is not None:
+                labels = result.labels
             if cancelled:
                 finished, total = job.written.planes, job.last.n_planes if job.last else 0
                 if not self.keep_partial_check.isChecked() or finished == 0:
+                    L.remove_layers(self.viewer, job.placeholders)
                     where = f"; {job.store} holds {finished} finished plane(s)" \
                         if job.store is not None and finished else ""
                     self.status.set(f"cancelled after {finished} of {total} plane(s): "
                                     f"discarded, no layer added or changed{where}")
                     return
-        if job.store is None and isinstance(labels, np.ndarray):
-            labels = L.compact_labels(labels)
         layer_axis = L.default_channel_axis(image)  # the layer's scale includes this axis
         layer = L.put_output(self.viewer, labels, image, "labels", channel_axis=layer_axis)
         if probs is not None:
@@ -471,7 +510,8 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
             # Counting would read the whole store back: just say where the labels are.
             detail = f"written to {job.store}"
         else:
-            top = int(labels.max()) if labels.size else 0
+            top = result.top if result.top is not None else \
+                int(labels.max()) if labels.size else 0
             what = "3D objects" if job.linking else \
                 "cells" if job.mode == "instances" else "max class"
             detail = f"{what}: {top}"
@@ -515,6 +555,8 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         return labels, probs
 
     def _on_error(self, exc: BaseException) -> None:
+        if self.job is not None:  # a failed run leaves no empty layer behind
+            L.remove_layers(self.viewer, self.job.placeholders)
         name = self.job.image_name if self.job else "the image"
         self.status.error(f"segmenting {name!r} failed: {_ui.gui_message(str(exc))}")
 
