@@ -443,7 +443,7 @@ def _fits(data: np.ndarray, dtype: np.dtype) -> bool:
     return info.min <= int(data.min()) and int(data.max()) <= info.max
 
 
-def write_in_place(layer: Any, data: Any) -> bool:
+def write_in_place(layer: Any, data: Any, *, thumbnail: bool = True) -> bool:
     """Copy ``data`` into the layer's own array and refresh the view; False when the
     layer's array cannot take it (not a writable numpy array, another shape, values its
     dtype cannot hold).
@@ -451,6 +451,7 @@ def write_in_place(layer: Any, data: Any) -> bool:
     ``layer.data = ...`` on a Labels layer rebuilds its colormap texture and re-links
     the shader on every call (100-350 ms of the GUI thread under software OpenGL for a
     uint16 layer); a copy plus ``refresh()`` only re-slices and uploads the texture.
+    ``thumbnail=False`` also skips the layer-list thumbnail (a zoom of the whole slice).
     """
     old = layer.data
     if not (isinstance(old, np.ndarray) and isinstance(data, np.ndarray)) or old is data \
@@ -458,19 +459,21 @@ def write_in_place(layer: Any, data: Any) -> bool:
             not _fits(data, old.dtype):
         return False
     np.copyto(old, data, casting="unsafe")
-    layer.refresh()
+    layer.refresh(thumbnail=thumbnail)
     return True
 
 
 def put_output(viewer: Any, data: Any, image_layer: Any, role_name: str, kind: str = "labels",
-               channel_axis: int | None = None, **kwargs: Any) -> Any:
+               channel_axis: int | None = None, *, thumbnail: bool = True,
+               **kwargs: Any) -> Any:
     """Replace the data of the plugin's own ``role`` layer for this image, or add one.
 
     A user's layer that merely has the same name is never touched: the new layer gets a
     free name instead. The layer is tagged ``metadata["napari_unet"] = {"role": role,
     "image": image name}``. An existing layer of the same shape gets the new values in
     place (:func:`write_in_place`): the cheap update for a live preview or a result that
-    :func:`placeholder_output` prepared.
+    :func:`placeholder_output` prepared (``thumbnail=False``: without redrawing the
+    layer-list thumbnail, for frequent updates such as a live preview).
     """
     scale, translate = spatial_transform(image_layer, channel_axis, np.ndim(data))
     kwargs.setdefault("scale", scale)
@@ -490,7 +493,7 @@ def put_output(viewer: Any, data: Any, image_layer: Any, role_name: str, kind: s
         old = layer.data
         if data is old:  # the same array (or zarr store) written in place: show it
             layer.refresh()
-        elif not write_in_place(layer, data):
+        elif not write_in_place(layer, data, thumbnail=thumbnail):
             layer.data = data
         return layer
     if layer is not None:  # dimensionality changed: replace our own layer

@@ -24,14 +24,18 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QPushButton, QWidget
 
 logger = logging.getLogger("napari_unet._widgets")
-# Each delivery repaints the status, progress bar and plot: one window flush, about 30 ms
-# of the GUI thread under software OpenGL (60+ on a busy CPU); four a second at most.
-LIVE_INTERVAL_S = 0.25
+# Each delivery repaints the status, progress bar and plot: one flush of the whole window,
+# about 30 ms of the GUI thread under software OpenGL (40-60 on a busy CPU); twice a second
+# keeps the status live and those gaps under 2% of the time.
+LIVE_INTERVAL_S = 0.5
 # Niceness added to a worker thread (Linux; the threads it starts inherit it). On a busy
 # 2-core machine the GUI thread spent most of each 50-900 ms stall waiting for a CPU that
 # the worker's own compute held (profiled with benchmarks/bench_gui.py --profile): a lower
 # priority lets the GUI thread in first and costs the worker only the GUI's short bursts.
-WORKER_NICE = 10
+# +5 (a third of the CPU share against a busy nice-0 process on the same core) more than
+# halved the largest gaps; +10 cut them further but made training 2-4x slower on a loaded
+# machine.
+WORKER_NICE = 5
 # Imported lazily by torch / the engine on the first run; importing holds the GIL for long
 # stretches (torch._dynamo alone: 800 modules, ~4 s on a 2-core CPU), which froze the GUI
 # for up to 2 s when training started. Imported in the background when a widget opens.

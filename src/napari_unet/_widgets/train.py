@@ -400,7 +400,8 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self.progress.setValue(0)
         self.status.set(f"preparing {len(pairs)} annotated plane(s)…")
         return self.runner.start(job, gen, on_progress=self._on_progress,
-                                 on_done=self._on_returned, on_failure=self._on_error)
+                                 on_done=self._on_returned, on_failure=self._on_error,
+                                 on_finished=self._on_finished)
 
     def stop(self) -> None:
         """Stop after the current step; the model as trained so far is kept."""
@@ -462,7 +463,7 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         # Do not steal the active layer from someone painting while training runs (the
         # preview layer is only added here when it was deleted during the run).
         active = self.viewer.layers.selection.active
-        L.put_output(self.viewer, labels, image, "preview", kind="labels",
+        L.put_output(self.viewer, labels, image, "preview", kind="labels", thumbnail=False,
                      **self._preview_place(target))
         if active is not None and active in self.viewer.layers and \
                 self.viewer.layers.selection.active is not active:
@@ -499,6 +500,14 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self.loss_plot.add(p.step, p.loss, p.loss_avg)
         if p.preview is not None:
             self._show_preview(p.preview)
+
+    def _on_finished(self) -> None:
+        """The live previews skipped the layer-list thumbnail: draw it once, now."""
+        image = self._preview_image
+        preview = L.owned_layer(self.viewer, "preview", image.name) \
+            if image is not None else None
+        if preview is not None:
+            preview.refresh()
 
     def _register(self, model: UNet, steps: int, note: str = "", select: bool = True,
                   kept_step: int | None = None) -> None:
