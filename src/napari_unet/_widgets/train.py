@@ -74,6 +74,7 @@ class _TrainJob(Job):
         # snapshot's score (what a user waits before the plot says anything useful).
         self.reference_s: float | None = None
         self.first_validation_s: float | None = None
+        self.placeholder: Any = None  # the preview layer added on the click, if any
 
     def preview(self, model: UNet) -> np.ndarray | None:
         """Segment the plane on screen (cropped around the view centre) with ``model``."""
@@ -449,8 +450,9 @@ class TrainWidget(_ui.TabbedDock, QWidget):
             return
         crop = job.preview_target.crop
         shape = (crop[0].stop - crop[0].start, crop[1].stop - crop[1].start)
-        L.placeholder_output(self.viewer, np.zeros(shape, np.uint8), image, "preview",
-                             keep_active=True, **self._preview_place(job.preview_target))
+        job.placeholder = L.placeholder_output(
+            self.viewer, np.zeros(shape, np.uint8), image, "preview", keep_active=True,
+            **self._preview_place(job.preview_target))
 
     def _show_preview(self, labels: np.ndarray) -> None:
         job, image = self.job, self._preview_image
@@ -502,8 +504,13 @@ class TrainWidget(_ui.TabbedDock, QWidget):
             self._show_preview(p.preview)
 
     def _on_finished(self) -> None:
-        """The live previews skipped the layer-list thumbnail: draw it once, now."""
-        image = self._preview_image
+        """The live previews skipped the layer-list thumbnail: draw it once, now; a
+        preview layer added on the click that never got a preview (stopped or failed
+        first) is removed."""
+        job, image = self.job, self._preview_image
+        if job is not None and job.placeholder is not None and job.last_preview is None:
+            L.remove_layers(self.viewer, [job.placeholder])
+            return
         preview = L.owned_layer(self.viewer, "preview", image.name) \
             if image is not None else None
         if preview is not None:
