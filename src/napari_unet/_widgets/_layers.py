@@ -522,11 +522,28 @@ def placeholder_output(viewer: Any, data: Any, image_layer: Any, role_name: str,
     if own is not None and own.ndim == np.ndim(data):
         return None
     active = viewer.layers.selection.active
-    layer = put_output(viewer, data, image_layer, role_name, kind=kind, **kwargs)
+    with _not_activated(viewer.layers) if keep_active else contextlib.nullcontext():
+        layer = put_output(viewer, data, image_layer, role_name, kind=kind, **kwargs)
     if keep_active and active is not None and active in viewer.layers and \
             viewer.layers.selection.active is not active:
         viewer.layers.selection.active = active
     return layer
+
+
+@contextlib.contextmanager
+def _not_activated(layers: Any) -> Any:
+    """Insert layers without making them active: each change of the active layer rebuilds
+    napari's layer controls (twice, with the restore). Uses napari's private switch where
+    it exists; elsewhere the caller restores the active layer afterwards."""
+    if not hasattr(layers, "_activate_on_insert"):
+        yield
+        return
+    before = layers._activate_on_insert
+    layers._activate_on_insert = False
+    try:
+        yield
+    finally:
+        layers._activate_on_insert = before
 
 
 def remove_layers(viewer: Any, layers: list[Any]) -> None:
