@@ -32,10 +32,10 @@ LIVE_INTERVAL_S = 0.5
 # 2-core machine the GUI thread spent most of each 50-900 ms stall waiting for a CPU that
 # the worker's own compute held (profiled with benchmarks/bench_gui.py --profile): a lower
 # priority lets the GUI thread in first and costs the worker only the GUI's short bursts.
-# +5 (a third of the CPU share against a busy nice-0 process on the same core) more than
-# halved the largest gaps; +10 cut them further but made training 2-4x slower on a loaded
-# machine.
-WORKER_NICE = 5
+# Measured (bench_gui --quick --worker-nice N, load average 7-8 on 2 cores: noisy): p99 gap
+# while training / segmenting 2048² 69 / 78 ms at 0, 59 / 56 at +2, 49 / 51 at +5, but +5
+# and +10 made training 2-4x slower on that loaded machine; +2 cost no measurable speed.
+WORKER_NICE = 2
 # Imported lazily by torch / the engine on the first run; importing holds the GIL for long
 # stretches (torch._dynamo alone: 800 modules, ~4 s on a 2-core CPU), which froze the GUI
 # for up to 2 s when training started. Imported in the background when a widget opens.
