@@ -635,6 +635,29 @@ def test_segment_result_layers_added_on_click_then_filled_in_place(viewer, notes
     assert len(viewer.layers) == n_layers and out.data is labels_array
 
 
+def test_current_slice_written_into_the_layer_without_copying_the_stack(
+        viewer, notes, qtbot, trained_model):
+    stack = np.stack([_disks((128, 128), seed=s)[0] for s in range(3)])
+    viewer.add_image(stack, name="stack")
+    w = _segment_widget(viewer, trained_model)
+    w.scope_combo.setCurrentText("current slice")
+    viewer.dims.set_current_step(0, 0)
+    w.run()
+    _wait_done(qtbot, w)
+    out = c.owned_layer(viewer, "labels", "stack")
+    array, first = out.data, set(np.unique(out.data[0])) - {0}
+    assert first and not array[1:].any()
+    viewer.dims.set_current_step(0, 2)
+    w.run()
+    _wait_done(qtbot, w)
+    assert out.data is array  # the slice went into the layer's own array
+    second = set(np.unique(array[2])) - {0}
+    assert second and not (first & second)  # ids stay unique across slices
+    assert set(np.unique(array[0])) - {0} == first and not array[1].any()
+    assert f"cells: {int(array.max())}" in w.status.plain()
+    assert not _errors(notes), notes
+
+
 def test_failed_segmentation_leaves_no_empty_layer(viewer, notes, qtbot, trained_model,
                                                    monkeypatch):
     def broken(*args, **kwargs):

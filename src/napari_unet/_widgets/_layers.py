@@ -431,7 +431,7 @@ def compact_labels(data: Any) -> Any:
     return data
 
 
-def _fits(data: np.ndarray, dtype: np.dtype) -> bool:
+def fits_dtype(data: np.ndarray, dtype: np.dtype) -> bool:
     """Whether integer ``data`` can be stored as ``dtype`` without changing a value."""
     if data.dtype == dtype:
         return True
@@ -456,7 +456,7 @@ def write_in_place(layer: Any, data: Any, *, thumbnail: bool = True) -> bool:
     old = layer.data
     if not (isinstance(old, np.ndarray) and isinstance(data, np.ndarray)) or old is data \
             or old.shape != data.shape or not old.flags.writeable or \
-            not _fits(data, old.dtype):
+            not fits_dtype(data, old.dtype):
         return False
     np.copyto(old, data, casting="unsafe")
     layer.refresh(thumbnail=thumbnail)

@@ -98,6 +98,7 @@ class _SegmentJob(Job):
         self.written: Any = None  # the output wrapper counting finished planes
         self.last: SegmentProgress | None = None
         self.placeholders: list[Any] = []  # layers added for this run before it started
+        self.top: int | None = None  # largest id after merging the current slice, if known
 
 
 @dataclass
@@ -109,19 +110,24 @@ class _Output:
     out: Any
     labels: Any = None
     top: int | None = None
+    offset: int | None = None  # largest id of the existing labels (current slice)
 
 
 def _segment_job(model: UNet, config: InferenceConfig, image: Any, *,
-                 stitch: dict[str, Any] | None, cancel: Any, **kwargs: Any) -> Any:
+                 stitch: dict[str, Any] | None, cancel: Any, existing: Any = None,
+                 **kwargs: Any) -> Any:
     """The worker's generator: put the model on its device, segment plane by plane, then
     optionally link the planes' objects into 3D objects (in place); returns an
-    :class:`_Output`."""
+    :class:`_Output`. ``existing``: the labels one slice is added to (their largest id,
+    read here, offsets the slice's ids)."""
     predictor = Predictor(model, config)
     out = yield from segment_image(image, predictor, cancel=cancel, **kwargs)
     if stitch is not None and not cancel():
         # Once started, stitching runs to the end: its second pass renumbers the planes in
         # place, and stopping half-way would leave old and new ids mixed.
         out = yield from stitch_planes_iter(out, out=out, **stitch)
+    if existing is not None:
+        return _Output(out, offset=int(existing.max()) if existing.size else 0)
     raw = out.out if isinstance(out, _Written) else out
     if isinstance(raw, np.ndarray):
         labels = L.compact_labels(raw)
@@ -381,9 +387,14 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         store = Path(self.store_edit.text()).expanduser() \
             if scope == WHOLE and self.store_edit.text().strip() else None
         n_classes = model.config.n_outputs  # class probabilities (+ the distance map)
+        existing = None
         if scope == CURRENT:
             key = L.input_plane_key(self.viewer, image)
             out, probs, planes = PlaneSink(), PlaneSink() if want_probs else None, [key]
+            own = L.owned_layer(self.viewer, "labels", image.name)
+            if post.mode == "instances" and own is not None and \
+                    isinstance(own.data, np.ndarray) and own.data.shape == out_shape:
+                existing = own.data
         else:
             key, planes = None, None
             out = self._whole_output(image.name, out_shape, store, want_probs, n_classes)
@@ -398,7 +409,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
             job.placeholders = self._prepare_outputs(image, out, probs, store)
         gen = _segment_job(model, config, data, channel_axis=axis, postprocess=post,
                            out=written, probabilities_out=probs, planes=planes,
-                           cancel=job.cancel, stitch=stitch)
+                           cancel=job.cancel, stitch=stitch, existing=existing)
         self.status.set("loading the model…")
         return self.runner.start(job, gen, on_progress=self._on_progress,
                                  on_done=self._on_returned, on_failure=self._on_error)
@@ -483,7 +494,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         image = self.viewer.layers[job.image_name]
         cancelled = job.stop and not job.linking
         if job.scope == CURRENT:
-            labels, probs = self._merge_plane(image, job)
+            labels, probs = self._merge_plane(image, job, result.offset)
             if labels is None:
                 self.status.set("cancelled before the slice was finished: no layer changed")
                 return
@@ -510,8 +521,8 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
             # Counting would read the whole store back: just say where the labels are.
             detail = f"written to {job.store}"
         else:
-            top = result.top if result.top is not None else \
-                int(labels.max()) if labels.size else 0
+            top = result.top if result.top is not None else job.top \
+                if job.top is not None else int(labels.max()) if labels.size else 0
             what = "3D objects" if job.linking else \
                 "cells" if job.mode == "instances" else "max class"
             detail = f"{what}: {top}"
@@ -525,8 +536,13 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.status.set(f"done in {_ui.format_seconds(elapsed)}: {layer.name!r} ({detail})")
         self.progress.setValue(1000)
 
-    def _merge_plane(self, image: Any, job: _SegmentJob) -> tuple[Any, Any]:
-        """Write one segmented plane into our labels layer (or a new one of full shape)."""
+    def _merge_plane(self, image: Any, job: _SegmentJob,
+                     offset: int | None = None) -> tuple[Any, Any]:
+        """Write one segmented plane into our labels layer (or a new one of full shape).
+
+        The plane goes into the layer's own array when its dtype holds the new ids (only
+        that plane is written: no copy of the whole stack on the GUI thread); ``offset``,
+        the layer's largest id read by the worker, keeps ids unique across slices."""
         assert isinstance(job.out, PlaneSink) and job.key is not None
         out_key = label_key(job.key, job.channel_axis)
         plane = job.out.get(out_key)
@@ -534,15 +550,21 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
             return None, None
         out_shape = L.label_shape(image)
         own = L.owned_layer(self.viewer, "labels", image.name)
-        if own is not None and tuple(own.data.shape) == out_shape:
+        same = own is not None and tuple(own.data.shape) == out_shape
+        if same and plane.max() > 0 and job.mode == "instances":
+            if offset is None:
+                offset = int(np.asarray(own.data).max())
+            plane = np.where(plane > 0, plane.astype(np.int64) + offset, 0)
+        if same and isinstance(own.data, np.ndarray) and own.data.flags.writeable and \
+                L.fits_dtype(plane, own.data.dtype):
+            labels = own.data  # put_output then only refreshes it
+        elif same:
             labels = np.asarray(own.data).astype(np.int32)  # room for new ids
-            if plane.max() > 0 and job.mode == "instances":
-                labels[out_key] = 0
-                offset = int(labels.max())  # keep ids unique across slices
-                plane = np.where(plane > 0, plane + offset, 0)
         else:
             labels = np.zeros(out_shape, np.int32)
         labels[out_key] = plane
+        if not same or offset is not None:  # the count without reading the whole stack
+            job.top = max(offset or 0, int(plane.max()) if plane.size else 0)
         probs = None
         plane_probs = job.probabilities.get((slice(None), *out_key)) \
             if isinstance(job.probabilities, PlaneSink) else None
