@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,10 +34,13 @@ from napari_unet._widgets import (  # noqa: E402
     SegmentWidget,
     TrainWidget,
     _ui,  # noqa: E402
+    _worker,  # noqa: E402
 )
 from napari_unet._widgets import _common as c  # noqa: E402
 from napari_unet._widgets import _layers as L  # noqa: E402
+from napari_unet._widgets import segment as S  # noqa: E402
 from napari_unet._widgets.annotate import count_annotation  # noqa: E402
+from napari_unet._widgets.train import preview_ids  # noqa: E402
 from napari_unet.augment import AugmentConfig  # noqa: E402
 from napari_unet.model import ModelConfig, UNet, bundled_model_path, load_model  # noqa: E402
 from napari_unet.train import Trainer, TrainingPair, train_config  # noqa: E402
@@ -595,6 +599,163 @@ def plugin_viewer(npe2pm, make_napari_viewer):
     """A viewer with the repo's manifest registered (in npe2's test plugin manager)."""
     with npe2pm.tmp_plugin(manifest=str(ROOT / "napari.yaml")):
         yield make_napari_viewer()
+
+
+# ---------------------------------------------------------------- GUI-thread budget
+# Output layers added on the click and updated in place, no empty layer left by a failed
+# run, repaints that wait for the window's next flush, workers below the GUI's priority.
+# The event-loop figures themselves: benchmarks/bench_gui.py.
+
+
+def test_segment_result_layers_added_on_click_then_filled_in_place(viewer, notes, qtbot,
+                                                                   trained_model):
+    image, truth = _disks((128, 128), seed=1)
+    viewer.add_image(image, name="img")
+    w = _segment_widget(viewer, trained_model)
+    w.probs_check.setChecked(True)
+    assert w.run() is not None
+    # The layers exist before any result arrives (napari's cost of adding them falls on
+    # the click), empty, and the run fills them without replacing their arrays.
+    out = c.owned_layer(viewer, "labels", "img")
+    probs = c.owned_layer(viewer, "probabilities", "img")
+    assert isinstance(out, Labels) and not out.data.any() and probs is not None
+    assert out.name == "img labels" and not probs.visible
+    labels_array, probs_array = out.data, probs.data
+    _wait_done(qtbot, w)
+    assert not _errors(notes), notes
+    assert c.owned_layer(viewer, "labels", "img") is out and out.data is labels_array
+    assert probs.data is probs_array
+    assert out.data.max() >= truth.max() - 1
+    np.testing.assert_allclose(probs.data.sum(0), 1, atol=1e-4)
+    assert f"cells: {int(out.data.max())}" in w.status.plain()
+    # a re-run adds nothing and writes into the same arrays
+    n_layers = len(viewer.layers)
+    w.run()
+    _wait_done(qtbot, w)
+    assert len(viewer.layers) == n_layers and out.data is labels_array
+
+
+def test_current_slice_written_into_the_layer_without_copying_the_stack(
+        viewer, notes, qtbot, trained_model):
+    stack = np.stack([_disks((128, 128), seed=s)[0] for s in range(3)])
+    viewer.add_image(stack, name="stack")
+    w = _segment_widget(viewer, trained_model)
+    w.scope_combo.setCurrentText("current slice")
+    viewer.dims.set_current_step(0, 0)
+    w.run()
+    _wait_done(qtbot, w)
+    out = c.owned_layer(viewer, "labels", "stack")
+    array, first = out.data, set(np.unique(out.data[0])) - {0}
+    assert first and not array[1:].any()
+    viewer.dims.set_current_step(0, 2)
+    w.run()
+    _wait_done(qtbot, w)
+    assert out.data is array  # the slice went into the layer's own array
+    second = set(np.unique(array[2])) - {0}
+    assert second and not (first & second)  # ids stay unique across slices
+    assert set(np.unique(array[0])) - {0} == first and not array[1].any()
+    assert f"cells: {int(array.max())}" in w.status.plain()
+    assert not _errors(notes), notes
+
+
+def test_failed_segmentation_leaves_no_empty_layer(viewer, notes, qtbot, trained_model,
+                                                   monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in the engine")
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(S, "segment_image", broken)
+    viewer.add_image(_disks()[0], name="img")
+    w = _segment_widget(viewer, trained_model)
+    w.run()
+    assert c.owned_layer(viewer, "labels", "img") is not None  # the placeholder
+    _wait_done(qtbot, w)
+    assert c.owned_layer(viewer, "labels", "img") is None
+    assert [lay.name for lay in viewer.layers] == ["img"]
+    assert "boom in the engine" in w.status.plain() and w.status.level == "error"
+
+
+def test_train_preview_layer_made_on_click_without_taking_the_active_layer(viewer, notes,
+                                                                           qtbot):
+    _, ann = _annotated_viewer(viewer)
+    viewer.layers.selection.active = ann  # someone painting
+    w = _train_widget(viewer, _tiny(), steps=4, tile=64)
+    assert w.start() is not None
+    preview = c.owned_layer(viewer, "preview", "disks")
+    assert isinstance(preview, Labels) and preview.data.dtype == np.uint8
+    assert preview.data.shape == (128, 128) and not preview.data.any()
+    assert viewer.layers.selection.active is ann
+    array = preview.data
+    _wait_done(qtbot, w)
+    assert not _errors(notes), notes
+    # the first step's preview was copied into the same array
+    assert c.owned_layer(viewer, "preview", "disks") is preview and preview.data is array
+    assert viewer.layers.selection.active is ann
+
+
+def test_write_in_place_only_when_the_array_can_take_the_values(viewer):
+    layer = viewer.add_labels(np.zeros((4, 4), np.uint8), name="out")
+    array = layer.data
+    assert L.write_in_place(layer, np.full((4, 4), 7, np.int32))
+    assert layer.data is array and (array == 7).all()
+    assert not L.write_in_place(layer, np.full((4, 4), 300, np.int32))  # > uint8
+    assert not L.write_in_place(layer, np.zeros((5, 4), np.uint8))  # another shape
+    assert (array == 7).all()
+    # put_output falls back to replacing the data when the values do not fit
+    img = viewer.add_image(np.zeros((4, 4), np.float32), name="img")
+    own = L.put_output(viewer, np.ones((4, 4), np.uint8), img, "labels")
+    first = own.data
+    L.put_output(viewer, np.full((4, 4), 2, np.uint8), img, "labels")
+    assert own.data is first and (first == 2).all()
+    L.put_output(viewer, np.full((4, 4), 1000, np.int32), img, "labels")
+    assert own.data is not first and (own.data == 1000).all()
+
+
+def test_preview_ids_are_uint8_and_keep_background():
+    labels = np.array([[0, 1, 255, 256, 600]], np.int32)
+    out = preview_ids(labels)
+    assert out.dtype == np.uint8 and out[0, 0] == 0 and (out[0, 1:] > 0).all()
+    assert preview_ids(np.array([[0, 3]], np.uint16)).tolist() == [[0, 3]]
+
+
+def test_progress_bar_is_painted_with_the_next_flush_not_on_set(qtbot):
+    painted: list[int] = []
+
+    class Counting(_ui.ProgressBar):
+        def paintEvent(self, event):  # noqa: N802 (Qt API)
+            painted.append(self.value())
+            super().paintEvent(event)
+
+    bar = Counting()
+    qtbot.addWidget(bar)
+    bar.setRange(0, 10)
+    bar.show()
+    qtbot.waitExposed(bar)
+    qtbot.wait(50)
+    painted.clear()
+    bar.setValue(3)
+    assert painted == []  # QProgressBar.setValue would have repainted here
+    qtbot.waitUntil(lambda: 3 in painted, timeout=2000)
+    assert bar.value() == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="the niceness is per thread on Linux only")
+def test_worker_threads_run_below_the_gui_thread():
+    got: dict[str, object] = {}
+
+    def run():
+        got["changed"] = _worker.lower_thread_priority()
+        got["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        got["again"] = _worker.lower_thread_priority()  # a reused pool thread: no-op
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    main = os.getpriority(os.PRIO_PROCESS, threading.main_thread().native_id)
+    expected = min(main + _worker.WORKER_NICE, 19)
+    assert got["nice"] == expected and got["again"] is False
+    assert got["changed"] is (expected > main)
 
 
 def test_manifest_is_valid_and_imports():

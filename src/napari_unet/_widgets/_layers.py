@@ -419,7 +419,7 @@ def spatial_transform(image_layer: Any, channel_axis: int | None,
 def compact_labels(data: Any) -> Any:
     """In-memory labels in the smallest unsigned type that holds them: napari shows uint8 /
     uint16 labels without building a colour lookup over every pixel, which for a 2048² or 3D
-    result froze the GUI for seconds."""
+    result froze the GUI for seconds. Run it in the worker: it reads every pixel."""
     if not isinstance(data, np.ndarray) or data.dtype.kind not in "iu" or data.size == 0:
         return data
     top = int(data.max())
@@ -431,28 +431,57 @@ def compact_labels(data: Any) -> Any:
     return data
 
 
+def fits_dtype(data: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether integer ``data`` can be stored as ``dtype`` without changing a value."""
+    if data.dtype == dtype:
+        return True
+    if data.dtype.kind not in "iu" or np.dtype(dtype).kind not in "iu":
+        return np.can_cast(data.dtype, dtype, casting="safe")
+    if data.size == 0 or np.can_cast(data.dtype, dtype, casting="safe"):
+        return True
+    info = np.iinfo(dtype)
+    return info.min <= int(data.min()) and int(data.max()) <= info.max
+
+
+def write_in_place(layer: Any, data: Any, *, thumbnail: bool = True) -> bool:
+    """Copy ``data`` into the layer's own array and refresh the view; False when the
+    layer's array cannot take it (not a writable numpy array, another shape, values its
+    dtype cannot hold).
+
+    ``layer.data = ...`` on a Labels layer rebuilds its colormap texture and re-links
+    the shader on every call (100-350 ms of the GUI thread under software OpenGL for a
+    uint16 layer); a copy plus ``refresh()`` only re-slices and uploads the texture.
+    ``thumbnail=False`` also skips the layer-list thumbnail (a zoom of the whole slice).
+    """
+    old = layer.data
+    if not (isinstance(old, np.ndarray) and isinstance(data, np.ndarray)) or old is data \
+            or old.shape != data.shape or not old.flags.writeable or \
+            not fits_dtype(data, old.dtype):
+        return False
+    np.copyto(old, data, casting="unsafe")
+    layer.refresh(thumbnail=thumbnail)
+    return True
+
+
 def put_output(viewer: Any, data: Any, image_layer: Any, role_name: str, kind: str = "labels",
-               channel_axis: int | None = None, **kwargs: Any) -> Any:
+               channel_axis: int | None = None, *, thumbnail: bool = True,
+               **kwargs: Any) -> Any:
     """Replace the data of the plugin's own ``role`` layer for this image, or add one.
 
     A user's layer that merely has the same name is never touched: the new layer gets a
     free name instead. The layer is tagged ``metadata["napari_unet"] = {"role": role,
-    "image": image name}``.
+    "image": image name}``. An existing layer of the same shape gets the new values in
+    place (:func:`write_in_place`): the cheap update for a live preview or a result that
+    :func:`placeholder_output` prepared (``thumbnail=False``: without redrawing the
+    layer-list thumbnail, for frequent updates such as a live preview).
     """
     scale, translate = spatial_transform(image_layer, channel_axis, np.ndim(data))
     kwargs.setdefault("scale", scale)
     kwargs.setdefault("translate", translate)
     layer = owned_layer(viewer, role_name, image_layer.name)
     if layer is not None and layer.ndim == np.ndim(data):
-        # Every property set re-slices the layer and redraws its thumbnail, and a new
-        # dtype rebuilds the labels colormap (hundreds of ms on the GUI thread for a live
-        # preview): set only what changed, keep the layer's dtype, and the data last.
-        old = layer.data
-        if kind == "labels" and isinstance(data, np.ndarray) and isinstance(old, np.ndarray) \
-                and data.dtype != old.dtype and data.dtype.kind in "iu" and \
-                old.dtype.kind in "iu" and data.size and \
-                int(data.max()) <= np.iinfo(old.dtype).max and int(data.min()) >= 0:
-            data = data.astype(old.dtype)
+        # Every property set re-slices the layer and redraws its thumbnail: set only what
+        # changed, and the data last.
         for key, value in kwargs.items():
             if key in ("name", "metadata"):
                 continue
@@ -461,9 +490,11 @@ def put_output(viewer: Any, data: Any, image_layer: Any, role_name: str, kind: s
                 if not np.array_equal(np.asarray(current, dtype=object),
                                       np.asarray(value, dtype=object)):
                     setattr(layer, key, value)
-        layer.data = data
-        if data is old:  # the same (e.g. zarr) array written in place: show the new values
+        old = layer.data
+        if data is old:  # the same array (or zarr store) written in place: show it
             layer.refresh()
+        elif not write_in_place(layer, data, thumbnail=thumbnail):
+            layer.data = data
         return layer
     if layer is not None:  # dimensionality changed: replace our own layer
         kwargs.setdefault("name", layer.name)
@@ -473,3 +504,50 @@ def put_output(viewer: Any, data: Any, image_layer: Any, role_name: str, kind: s
     kwargs["metadata"] = {TAG: {"role": role_name, "image": image_layer.name}}
     add = viewer.add_labels if kind == "labels" else viewer.add_image
     return add(data, **kwargs)
+
+
+def placeholder_output(viewer: Any, data: Any, image_layer: Any, role_name: str,
+                       kind: str = "labels", *, keep_active: bool = False,
+                       **kwargs: Any) -> Any | None:
+    """Add the plugin's own ``role`` layer for this image, holding ``data`` (zeros, or the
+    array the worker fills), before a worker starts; None when one of that
+    dimensionality exists already (the result then updates it).
+
+    Adding a layer costs napari 0.2-0.9 s of the GUI thread (controls, overlays, shaders;
+    more on a busy CPU): done on the click, before the worker competes for the CPU, the
+    result or preview arriving later only updates data (:func:`put_output`).
+    ``keep_active``: leave the active layer as it was (someone may be painting).
+    """
+    own = owned_layer(viewer, role_name, image_layer.name)
+    if own is not None and own.ndim == np.ndim(data):
+        return None
+    active = viewer.layers.selection.active
+    with _not_activated(viewer.layers) if keep_active else contextlib.nullcontext():
+        layer = put_output(viewer, data, image_layer, role_name, kind=kind, **kwargs)
+    if keep_active and active is not None and active in viewer.layers and \
+            viewer.layers.selection.active is not active:
+        viewer.layers.selection.active = active
+    return layer
+
+
+@contextlib.contextmanager
+def _not_activated(layers: Any) -> Any:
+    """Insert layers without making them active: each change of the active layer rebuilds
+    napari's layer controls (twice, with the restore). Uses napari's private switch where
+    it exists; elsewhere the caller restores the active layer afterwards."""
+    if not hasattr(layers, "_activate_on_insert"):
+        yield
+        return
+    before = layers._activate_on_insert
+    layers._activate_on_insert = False
+    try:
+        yield
+    finally:
+        layers._activate_on_insert = before
+
+
+def remove_layers(viewer: Any, layers: list[Any]) -> None:
+    """Remove those of ``layers`` still in the viewer (placeholders of a discarded run)."""
+    for layer in layers:
+        if layer in viewer.layers:
+            viewer.layers.remove(layer)

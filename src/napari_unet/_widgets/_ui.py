@@ -16,6 +16,7 @@ from qtpy.QtWidgets import (
     QFrame,
     QLabel,
     QMessageBox,
+    QProgressBar,
     QScrollArea,
     QSizePolicy,
     QToolButton,
@@ -106,6 +107,26 @@ class StatusBox(QLabel):
         self.set(text, "warning")
         if notify:
             notify_warning(text)
+
+
+class ProgressBar(QProgressBar):
+    """A progress bar that repaints with the rest of the window, never on its own.
+
+    ``QProgressBar.setValue`` repaints synchronously; in a window holding napari's OpenGL
+    canvas every repaint re-composes and flushes the whole window (about 30 ms of the GUI
+    thread under software OpenGL at 1600 x 1000, measured). Here the value changes with
+    updates disabled and the bar is only marked dirty: it is painted in the same flush as
+    the status line and the loss plot.
+    """
+
+    def setValue(self, value: int) -> None:  # noqa: N802 (Qt API)
+        if value == self.value():
+            return
+        self.setUpdatesEnabled(False)
+        try:
+            super().setValue(value)
+        finally:
+            self.setUpdatesEnabled(True)  # (schedules one asynchronous paint)
 
 
 # ---------------------------------------------------------------- layout

@@ -11,6 +11,8 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
+import sys
 import threading
 import time
 import traceback
@@ -22,7 +24,18 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QPushButton, QWidget
 
 logger = logging.getLogger("napari_unet._widgets")
-LIVE_INTERVAL_S = 0.1
+# Each delivery repaints the status, progress bar and plot: one flush of the whole window,
+# about 30 ms of the GUI thread under software OpenGL (40-60 on a busy CPU); twice a second
+# keeps the status live and those gaps under 2% of the time.
+LIVE_INTERVAL_S = 0.5
+# Niceness added to a worker thread (Linux; the threads it starts inherit it). On a busy
+# 2-core machine the GUI thread spent most of each 50-900 ms stall waiting for a CPU that
+# the worker's own compute held (profiled with benchmarks/bench_gui.py --profile): a lower
+# priority lets the GUI thread in first and costs the worker only the GUI's short bursts.
+# Measured (bench_gui --quick --worker-nice N, load average 7-8 on 2 cores: noisy): p99 gap
+# while training / segmenting 2048² 69 / 78 ms at 0, 59 / 56 at +2, 49 / 51 at +5, but +5
+# and +10 made training 2-4x slower on that loaded machine; +2 cost no measurable speed.
+WORKER_NICE = 2
 # Imported lazily by torch / the engine on the first run; importing holds the GIL for long
 # stretches (torch._dynamo alone: 800 modules, ~4 s on a 2-core CPU), which froze the GUI
 # for up to 2 s when training started. Imported in the background when a widget opens.
@@ -53,6 +66,25 @@ class Failure:
     traceback: str = ""
 
 
+def lower_thread_priority(increment: int | None = None) -> bool:
+    """Make the calling thread ``increment`` nicer than the GUI (main) thread (Linux only,
+    where the niceness is per thread; elsewhere it would apply to the whole process).
+    Threads it starts later inherit it. Returns whether it changed; never raises."""
+    increment = WORKER_NICE if increment is None else increment
+    if not sys.platform.startswith("linux") or increment <= 0:
+        return False
+    try:
+        tid = threading.get_native_id()
+        target = min(os.getpriority(os.PRIO_PROCESS, threading.main_thread().native_id)
+                     + increment, 19)
+        if os.getpriority(os.PRIO_PROCESS, tid) >= target:  # a reused pool thread
+            return False
+        os.setpriority(os.PRIO_PROCESS, tid, target)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def guarded(gen: Generator) -> Generator:
     """Run a generator in a worker; an exception comes back as a returned :class:`Failure`.
 
@@ -60,7 +92,12 @@ def guarded(gen: Generator) -> Generator:
     and then emit neither ``errored`` nor ``finished`` (torch raises RuntimeError for many
     real failures), and napari's workers relay ``errored`` as a raw traceback notification
     on top of the widget's own explanation.
+
+    The thread runs at a lower priority than the GUI (:func:`lower_thread_priority`; an
+    unprivileged user cannot raise it back, so a pool thread napari reuses stays lower:
+    harmless, it only runs background work).
     """
+    lower_thread_priority()
     try:
         return (yield from gen)
     except Exception as exc:

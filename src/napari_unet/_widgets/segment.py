@@ -10,6 +10,7 @@ never overwritten. Stacks default to linking the planes' cells into 3D objects a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QWidget,
 )
@@ -97,19 +97,42 @@ class _SegmentJob(Job):
         self.linking = False  # stitching started: it runs to the end
         self.written: Any = None  # the output wrapper counting finished planes
         self.last: SegmentProgress | None = None
+        self.placeholders: list[Any] = []  # layers added for this run before it started
+        self.top: int | None = None  # largest id after merging the current slice, if known
+
+
+@dataclass
+class _Output:
+    """What the worker returns: the output array and, for labels held in memory, their
+    compact copy and largest id (worked out in the worker: both read every pixel, tens of
+    ms for 2048² that the GUI thread spent before)."""
+
+    out: Any
+    labels: Any = None
+    top: int | None = None
+    offset: int | None = None  # largest id of the existing labels (current slice)
 
 
 def _segment_job(model: UNet, config: InferenceConfig, image: Any, *,
-                 stitch: dict[str, Any] | None, cancel: Any, **kwargs: Any) -> Any:
+                 stitch: dict[str, Any] | None, cancel: Any, existing: Any = None,
+                 **kwargs: Any) -> Any:
     """The worker's generator: put the model on its device, segment plane by plane, then
-    optionally link the planes' objects into 3D objects (in place)."""
+    optionally link the planes' objects into 3D objects (in place); returns an
+    :class:`_Output`. ``existing``: the labels one slice is added to (their largest id,
+    read here, offsets the slice's ids)."""
     predictor = Predictor(model, config)
     out = yield from segment_image(image, predictor, cancel=cancel, **kwargs)
     if stitch is not None and not cancel():
         # Once started, stitching runs to the end: its second pass renumbers the planes in
         # place, and stopping half-way would leave old and new ids mixed.
         out = yield from stitch_planes_iter(out, out=out, **stitch)
-    return out
+    if existing is not None:
+        return _Output(out, offset=int(existing.max()) if existing.size else 0)
+    raw = out.out if isinstance(out, _Written) else out
+    if isinstance(raw, np.ndarray):
+        labels = L.compact_labels(raw)
+        return _Output(out, labels, int(labels.max()) if labels.size else 0)
+    return _Output(out)
 
 
 class SegmentWidget(_ui.TabbedDock, QWidget):
@@ -138,7 +161,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip("stop after the current tile; finished planes are kept "
                                       "(untick 'keep finished planes' to discard them)")
-        self.progress = QProgressBar()
+        self.progress = _ui.ProgressBar()
         self.progress.setRange(0, 1000)
         self.progress.setValue(0)
         self.status = _ui.StatusBox()
@@ -364,9 +387,14 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         store = Path(self.store_edit.text()).expanduser() \
             if scope == WHOLE and self.store_edit.text().strip() else None
         n_classes = model.config.n_outputs  # class probabilities (+ the distance map)
+        existing = None
         if scope == CURRENT:
             key = L.input_plane_key(self.viewer, image)
             out, probs, planes = PlaneSink(), PlaneSink() if want_probs else None, [key]
+            own = L.owned_layer(self.viewer, "labels", image.name)
+            if post.mode == "instances" and own is not None and \
+                    isinstance(own.data, np.ndarray) and own.data.shape == out_shape:
+                existing = own.data
         else:
             key, planes = None, None
             out = self._whole_output(image.name, out_shape, store, want_probs, n_classes)
@@ -377,9 +405,11 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         job = _SegmentJob(image.name, axis, scope, out, probs, key, store, post.mode)
         job.written = written
         self.job = job
+        if scope == WHOLE:
+            job.placeholders = self._prepare_outputs(image, out, probs, store)
         gen = _segment_job(model, config, data, channel_axis=axis, postprocess=post,
                            out=written, probabilities_out=probs, planes=planes,
-                           cancel=job.cancel, stitch=stitch)
+                           cancel=job.cancel, stitch=stitch, existing=existing)
         self.status.set("loading the model…")
         return self.runner.start(job, gen, on_progress=self._on_progress,
                                  on_done=self._on_returned, on_failure=self._on_error)
@@ -413,6 +443,23 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         except (OSError, ValueError) as exc:
             return self._fail(f"cannot create the labels store {store}: {exc}")
 
+    def _prepare_outputs(self, image: Any, out: Any, probs: Any,
+                         store: Path | None) -> list[Any]:
+        """Add the result layers now, on the click, when this image has none yet (see
+        ``_layers.placeholder_output``): empty labels (uint16 zeros, whose pages the OS
+        only allocates where napari reads; the labels store itself when there is one) and
+        the probabilities array the worker fills. Returns the layers added."""
+        layer_axis = L.default_channel_axis(image)
+        labels = out if store is not None else np.zeros(out.shape, np.uint16)
+        made = [L.placeholder_output(self.viewer, labels, image, "labels",
+                                     channel_axis=layer_axis)]
+        if probs is not None:
+            made.append(L.placeholder_output(
+                self.viewer, probs, image, "probabilities", kind="image",
+                channel_axis=layer_axis, colormap="magma", contrast_limits=(0.0, 1.0),
+                visible=False))
+        return [layer for layer in made if layer is not None]
+
     def cancel(self) -> None:
         """Stop after the current tile; finished planes are kept or discarded (see status)."""
         if self.runner.stop():
@@ -435,33 +482,35 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.status.set(f"plane {p.plane + 1}/{p.n_planes} · tile {p.tiles_done}/"
                         f"{p.tiles_total} · ETA {_ui.format_seconds(left)}")
 
-    def _on_returned(self, out: Any) -> None:
+    def _on_returned(self, result: _Output) -> None:
         job = self.job
         if job is None or job.image_name not in self.viewer.layers:
+            if job is not None:
+                L.remove_layers(self.viewer, job.placeholders)
             self.status.warning("the image layer was removed: the segmentation was "
                                 "discarded")
             return
-        if isinstance(out, _Written):
-            out = out.out
+        out = result.out.out if isinstance(result.out, _Written) else result.out
         image = self.viewer.layers[job.image_name]
         cancelled = job.stop and not job.linking
         if job.scope == CURRENT:
-            labels, probs = self._merge_plane(image, job)
+            labels, probs = self._merge_plane(image, job, result.offset)
             if labels is None:
                 self.status.set("cancelled before the slice was finished: no layer changed")
                 return
         else:
             labels, probs = out, job.probabilities
+            if result.labels is not None:
+                labels = result.labels
             if cancelled:
                 finished, total = job.written.planes, job.last.n_planes if job.last else 0
                 if not self.keep_partial_check.isChecked() or finished == 0:
+                    L.remove_layers(self.viewer, job.placeholders)
                     where = f"; {job.store} holds {finished} finished plane(s)" \
                         if job.store is not None and finished else ""
                     self.status.set(f"cancelled after {finished} of {total} plane(s): "
                                     f"discarded, no layer added or changed{where}")
                     return
-        if job.store is None and isinstance(labels, np.ndarray):
-            labels = L.compact_labels(labels)
         layer_axis = L.default_channel_axis(image)  # the layer's scale includes this axis
         layer = L.put_output(self.viewer, labels, image, "labels", channel_axis=layer_axis)
         if probs is not None:
@@ -472,7 +521,8 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
             # Counting would read the whole store back: just say where the labels are.
             detail = f"written to {job.store}"
         else:
-            top = int(labels.max()) if labels.size else 0
+            top = result.top if result.top is not None else job.top \
+                if job.top is not None else int(labels.max()) if labels.size else 0
             what = "3D objects" if job.linking else \
                 "cells" if job.mode == "instances" else "max class"
             detail = f"{what}: {top}"
@@ -486,8 +536,13 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.status.set(f"done in {_ui.format_seconds(elapsed)}: {layer.name!r} ({detail})")
         self.progress.setValue(1000)
 
-    def _merge_plane(self, image: Any, job: _SegmentJob) -> tuple[Any, Any]:
-        """Write one segmented plane into our labels layer (or a new one of full shape)."""
+    def _merge_plane(self, image: Any, job: _SegmentJob,
+                     offset: int | None = None) -> tuple[Any, Any]:
+        """Write one segmented plane into our labels layer (or a new one of full shape).
+
+        The plane goes into the layer's own array when its dtype holds the new ids (only
+        that plane is written: no copy of the whole stack on the GUI thread); ``offset``,
+        the layer's largest id read by the worker, keeps ids unique across slices."""
         assert isinstance(job.out, PlaneSink) and job.key is not None
         out_key = label_key(job.key, job.channel_axis)
         plane = job.out.get(out_key)
@@ -495,15 +550,21 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
             return None, None
         out_shape = L.label_shape(image)
         own = L.owned_layer(self.viewer, "labels", image.name)
-        if own is not None and tuple(own.data.shape) == out_shape:
+        same = own is not None and tuple(own.data.shape) == out_shape
+        if same and plane.max() > 0 and job.mode == "instances":
+            if offset is None:
+                offset = int(np.asarray(own.data).max())
+            plane = np.where(plane > 0, plane.astype(np.int64) + offset, 0)
+        if same and isinstance(own.data, np.ndarray) and own.data.flags.writeable and \
+                L.fits_dtype(plane, own.data.dtype):
+            labels = own.data  # put_output then only refreshes it
+        elif same:
             labels = np.asarray(own.data).astype(np.int32)  # room for new ids
-            if plane.max() > 0 and job.mode == "instances":
-                labels[out_key] = 0
-                offset = int(labels.max())  # keep ids unique across slices
-                plane = np.where(plane > 0, plane + offset, 0)
         else:
             labels = np.zeros(out_shape, np.int32)
         labels[out_key] = plane
+        if not same or offset is not None:  # the count without reading the whole stack
+            job.top = max(offset or 0, int(plane.max()) if plane.size else 0)
         probs = None
         plane_probs = job.probabilities.get((slice(None), *out_key)) \
             if isinstance(job.probabilities, PlaneSink) else None
@@ -516,6 +577,8 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         return labels, probs
 
     def _on_error(self, exc: BaseException) -> None:
+        if self.job is not None:  # a failed run leaves no empty layer behind
+            L.remove_layers(self.viewer, self.job.placeholders)
         name = self.job.image_name if self.job else "the image"
         self.status.error(f"segmenting {name!r} failed: {_ui.gui_message(str(exc))}")
 

@@ -23,7 +23,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QListWidget,
     QListWidgetItem,
-    QProgressBar,
     QPushButton,
     QWidget,
 )
@@ -75,6 +74,7 @@ class _TrainJob(Job):
         # snapshot's score (what a user waits before the plot says anything useful).
         self.reference_s: float | None = None
         self.first_validation_s: float | None = None
+        self.placeholder: Any = None  # the preview layer added on the click, if any
 
     def preview(self, model: UNet) -> np.ndarray | None:
         """Segment the plane on screen (cropped around the view centre) with ``model``."""
@@ -89,9 +89,18 @@ class _TrainJob(Job):
         except Exception:  # a failed preview must not stop training
             logger.warning("training preview failed", exc_info=True)
             return None
-        labels = L.compact_labels(labels)
+        labels = preview_ids(labels)  # here, in the worker: it reads every pixel
         self.last_preview = (target, labels)
         return labels
+
+
+def preview_ids(labels: np.ndarray) -> np.ndarray:
+    """Preview labels as uint8, ids above 255 wrapped onto 1..255 (a few cells share a
+    colour): the preview layer keeps one dtype, so each update is a copy into its array,
+    not a rebuild of its colormap (see ``_layers.write_in_place``)."""
+    if labels.size and int(labels.max()) > 255:
+        labels = np.where(labels > 0, (labels - 1) % 255 + 1, 0)
+    return labels.astype(np.uint8, copy=False)
 
 
 def _train_job(job: _TrainJob, model: UNet, pairs: list[TrainingPair], config: TrainConfig,
@@ -134,7 +143,7 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self.stop_button.setToolTip("stop after the current step and keep the model as it is")
         self.save_button = QPushButton("Save model…")
         self.save_button.setEnabled(False)
-        self.progress = QProgressBar()
+        self.progress = _ui.ProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.status = _ui.StatusBox()
@@ -383,6 +392,8 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self.job = job = _TrainJob(names=names, base=self.model_picker.label())
         self._preview_image = layer_pairs[0][0]
         self._update_preview_target()
+        if self.preview_check.isChecked():
+            self._prepare_preview()
         gen = _train_job(job, model, pairs, config, self.preview_check.isChecked())
         self.loss_plot.clear()
         self.validation_label.setText("")
@@ -390,7 +401,8 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self.progress.setValue(0)
         self.status.set(f"preparing {len(pairs)} annotated plane(s)…")
         return self.runner.start(job, gen, on_progress=self._on_progress,
-                                 on_done=self._on_returned, on_failure=self._on_error)
+                                 on_done=self._on_returned, on_failure=self._on_error,
+                                 on_finished=self._on_finished)
 
     def stop(self) -> None:
         """Stop after the current step; the model as trained so far is kept."""
@@ -421,6 +433,27 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         job.preview_target = _PreviewTarget(data, key, axis, (crop[0], crop[1]),
                                             self.train_form["device"].value)
 
+    def _preview_place(self, target: _PreviewTarget) -> dict[str, Any]:
+        """Scale and translate of the preview layer for ``target``'s crop."""
+        image = self._preview_image
+        scale, translate = L.spatial_transform(image, L.default_channel_axis(image), 2)
+        translate = tuple(t + s * sl.start for t, s, sl in
+                          zip(translate, scale, target.crop, strict=True))
+        return {"scale": scale, "translate": translate, "opacity": 0.5}
+
+    def _prepare_preview(self) -> None:
+        """Add the (empty) preview layer now, on the click, when none exists: adding a
+        layer mid-run stalled the GUI for 0.3-0.9 s on a busy CPU; a preview then only
+        copies into it."""
+        job, image = self.job, self._preview_image
+        if job is None or image is None or job.preview_target is None:
+            return
+        crop = job.preview_target.crop
+        shape = (crop[0].stop - crop[0].start, crop[1].stop - crop[1].start)
+        job.placeholder = L.placeholder_output(
+            self.viewer, np.zeros(shape, np.uint8), image, "preview", keep_active=True,
+            **self._preview_place(job.preview_target))
+
     def _show_preview(self, labels: np.ndarray) -> None:
         job, image = self.job, self._preview_image
         if job is None or image is None or job.last_preview is None or \
@@ -429,14 +462,13 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         target, last = job.last_preview
         if last is not labels:
             return
-        scale, translate = L.spatial_transform(image, L.default_channel_axis(image), 2)
-        translate = tuple(t + s * sl.start for t, s, sl in
-                          zip(translate, scale, target.crop, strict=True))
-        # Do not steal the active layer from someone painting while training runs.
+        # Do not steal the active layer from someone painting while training runs (the
+        # preview layer is only added here when it was deleted during the run).
         active = self.viewer.layers.selection.active
-        L.put_output(self.viewer, labels, image, "preview", kind="labels",
-                     scale=scale, translate=translate, opacity=0.5)
-        if active is not None and active in self.viewer.layers:
+        L.put_output(self.viewer, labels, image, "preview", kind="labels", thumbnail=False,
+                     **self._preview_place(target))
+        if active is not None and active in self.viewer.layers and \
+                self.viewer.layers.selection.active is not active:
             self.viewer.layers.selection.active = active
 
     # ------------------------------------------------------------ worker signals
@@ -470,6 +502,19 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self.loss_plot.add(p.step, p.loss, p.loss_avg)
         if p.preview is not None:
             self._show_preview(p.preview)
+
+    def _on_finished(self) -> None:
+        """The live previews skipped the layer-list thumbnail: draw it once, now; a
+        preview layer added on the click that never got a preview (stopped or failed
+        first) is removed."""
+        job, image = self.job, self._preview_image
+        if job is not None and job.placeholder is not None and job.last_preview is None:
+            L.remove_layers(self.viewer, [job.placeholder])
+            return
+        preview = L.owned_layer(self.viewer, "preview", image.name) \
+            if image is not None else None
+        if preview is not None:
+            preview.refresh()
 
     def _register(self, model: UNet, steps: int, note: str = "", select: bool = True,
                   kept_step: int | None = None) -> None:
