@@ -856,6 +856,11 @@ def test_channel_choice_segments_the_chosen_channel(viewer, notes, qtbot, traine
     layer = viewer.add_image(rgb, name="rgb", rgb=True)
     aw = _dock(viewer, AnnotateWidget(viewer))
     assert aw.image_layer() is layer and aw.channel_combo.pick_combo.isEnabled()
+    # By default an RGB layer is read as grey the way the CLI's --rgb gray reads it (luma)
+    assert L.channel_pick(layer) == L.GRAY
+    view, _ = L.model_input(layer)
+    luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(np.asarray(view), luma, rtol=1e-6)
     aw.channel_combo.set_pick(1)  # green
     ann = aw.create_annotation()
     assert ann.data.shape == (128, 128)

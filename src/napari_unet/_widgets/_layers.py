@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QWidget
 
+from ..normalize import to_gray
 from ..segment import output_shape
 
 TAG = "napari_unet"  # key of the plugin's entry in layer.metadata
@@ -111,7 +112,7 @@ class LayerCombo(QComboBox):
 # The choice is stored in the image layer's metadata, so Annotate, Train and Segment feed
 # the model the same thing (an annotation made on channel 1 trains on channel 1).
 
-MEAN, ALL = "mean", "all"
+MEAN, ALL, GRAY = "mean", "all", "gray"
 
 
 def layer_array(layer: Any) -> Any:
@@ -140,7 +141,9 @@ def channel_axis(layer: Any | None) -> int | None:
 def channel_pick(layer: Any | None) -> int | str:
     """Which channel feeds the model: an index, ``"mean"`` or ``"all"`` (as model input)."""
     meta = layer.metadata.get(TAG) if layer is not None else None
-    default: int | str = MEAN if getattr(layer, "rgb", False) else 0
+    # RGB becomes grey as the CLI's --rgb gray does (luma, as the bundled model's colour
+    # training images were stored).
+    default: int | str = GRAY if getattr(layer, "rgb", False) else 0
     return meta.get("channel", default) if isinstance(meta, dict) else default
 
 
@@ -172,7 +175,7 @@ class ChannelView:
         n = shape.pop(axis)
         self.shape = tuple([n, *shape] if pick == ALL else shape)
         self.ndim = len(self.shape)
-        self.dtype = np.dtype(np.float32) if pick == MEAN else np.dtype(data.dtype)
+        self.dtype = np.dtype(np.float32) if pick in (MEAN, GRAY) else np.dtype(data.dtype)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = list(key) if isinstance(key, tuple) else [key]
@@ -185,10 +188,12 @@ class ChannelView:
                 return block
             kept = self.axis - sum(isinstance(k, int) for k in key[: self.axis])
             return np.moveaxis(block, kept, 0)
-        key.insert(self.axis, slice(None) if self.pick == MEAN else int(self.pick))
+        key.insert(self.axis, slice(None) if self.pick in (MEAN, GRAY) else int(self.pick))
         block = np.asarray(self.data[tuple(key)])
-        if self.pick == MEAN:
+        if self.pick in (MEAN, GRAY):
             kept = self.axis - sum(isinstance(k, int) for k in key[: self.axis])
+            if self.pick == GRAY:
+                return to_gray(np.moveaxis(block, kept, -1))
             return block.mean(axis=kept, dtype=np.float32)
         return block
 
@@ -274,6 +279,8 @@ class ChannelPicker(QWidget):
             for k in range(n):
                 self.pick_combo.addItem(f"channel {k}" + (f" ({names[k]})" if k < len(names)
                                                           else ""), k)
+            if getattr(layer, "rgb", False):
+                self.pick_combo.addItem("grey (luma)", GRAY)
             self.pick_combo.addItem("mean of channels", MEAN)
             self.pick_combo.addItem(f"all {n} (N-channel model)", ALL)
             idx = self.pick_combo.findData(channel_pick(layer))
