@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from shared_data import load_dataset, split
+from shared_data import validation_sets
 
 from napari_unet.evaluate import evaluate_many, match_instances
 from napari_unet.model import bundled_model_path, load_model
@@ -27,15 +27,6 @@ from napari_unet.postprocess import PostprocessConfig, instances_from_probs
 from napari_unet.segment import InferenceConfig, Predictor
 
 SETS = ("dsb2018_nuclei", "gowt1_nuclei", "isbi2012_em", "nih3t3_nuclei")
-
-
-def validation_sets(names: list[str]) -> dict[str, list]:
-    """As scripts/tune_postprocess.py: ISBI's held-out 20 % slices, the other sets whole."""
-    out = {}
-    for name in names:
-        samples = load_dataset(name, invert_bright=False)
-        out[name] = split(samples, 0.2, seed=0)[1] if name == "isbi2012_em" else samples
-    return out
 
 
 def main() -> None:

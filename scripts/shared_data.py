@@ -45,6 +45,7 @@ __all__ = [
     "load_nuclei3d",
     "shared_data_dir",
     "split",
+    "validation_sets",
 ]
 
 LabelKind = Literal["instance", "binary_interior", "binary_merged"]
@@ -258,3 +259,13 @@ def split(
     train = [s for i, s in enumerate(samples) if i not in val_idx]
     val = [s for i, s in enumerate(samples) if i in val_idx]
     return train, val
+
+
+def validation_sets(names: Sequence[str]) -> dict[str, list[Sample]]:
+    """The pretraining recipe's validation images by set: the held-out 20 % of the ISBI
+    slices (the recipe's seeded split), the other sets whole (never trained on)."""
+    out = {}
+    for name in names:
+        samples = load_dataset(name, invert_bright=False)
+        out[name] = split(samples, 0.2, seed=0)[1] if name == "isbi2012_em" else samples
+    return out

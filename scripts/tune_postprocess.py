@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from shared_data import load_dataset, split
+from shared_data import validation_sets
 
 from napari_unet.evaluate import evaluate_many
 from napari_unet.model import load_model, save_model
@@ -24,15 +24,6 @@ from napari_unet.postprocess import PostprocessConfig, labels_from_probs
 from napari_unet.segment import InferenceConfig, Predictor
 
 SETS = ("dsb2018_nuclei", "gowt1_nuclei", "isbi2012_em")
-
-
-def validation_sets(names: list[str]) -> dict[str, list]:
-    out = {}
-    for name in names:
-        samples = load_dataset(name, invert_bright=False)
-        # The pretraining recipe holds out 20 % of the ISBI slices (same seeded split).
-        out[name] = split(samples, 0.2, seed=0)[1] if name == "isbi2012_em" else samples
-    return out
 
 
 def main() -> None:
