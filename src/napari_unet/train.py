@@ -112,6 +112,17 @@ class TrainConfig:
                              "model and the snapshots (0 = off; needs at least 8 cells)")
     validate_every: int = param(25, min=1, advanced=True,
                                 help="steps between validation scores")
+    # A few painted cells cannot retrain the whole network without forgetting: adapting
+    # only the decoder keeps the pretrained features and skips the encoder's backward pass.
+    adapt: str = param("all", choices=("all", "decoder"), advanced=True,
+                       help="layers fine-tuning changes: all, or the decoder only (the "
+                       "encoder keeps the starting model's features)")
+    # Interpolating between the starting and the fine-tuned weights (WiSE-FT, Wortsman et
+    # al. 2022) keeps most of the gain on the painted cells and loses less elsewhere.
+    average: float = param(1.0, min=0, max=1, min_exclusive=True, advanced=True,
+                           label="weight share",
+                           help="share of the fine-tuned weights in the model handed back "
+                           "(the rest: the starting model's; 1 = the fine-tuned weights)")
 
     def __post_init__(self) -> None:
         check(self)
@@ -355,12 +366,23 @@ class Trainer:
         self.best: UNet = copy.deepcopy(model).cpu().eval()  # what run() returns
         self.best_score: ValidationScore | None = None
         self.message = self.validation_note
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr,
-                                           weight_decay=1e-5)
+        if config.adapt == "decoder":
+            for p in self.net.down.parameters():
+                p.requires_grad_(False)
+        # Starting weights for the interpolation in _snapshot (CPU, float like the model).
+        self.start_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} \
+            if config.average < 1.0 else None
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.net.parameters() if p.requires_grad], lr=config.lr,
+            weight_decay=1e-5)
 
     def _snapshot(self) -> None:
-        self.model.load_state_dict({k: v.detach().cpu() for k, v in
-                                    self.net.state_dict().items()})
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        if self.start_state is not None:
+            a = self.config.average
+            state = {k: torch.lerp(self.start_state[k], v, a) if v.is_floating_point() else v
+                     for k, v in state.items()}
+        self.model.load_state_dict(state)
         self.model.eval()
         self.good_step = self.step
 

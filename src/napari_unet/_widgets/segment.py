@@ -47,6 +47,7 @@ from ..segment import (
 )
 from ..stitch import StitchProgress, stitch_planes_iter
 from . import _layers as L
+from . import _shortcuts as _keys
 from . import _ui
 from ._forms import ConfigForm, Settings
 from ._models import DEVICES, ModelPicker
@@ -190,6 +191,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         layout.addLayout(buttons)
+        layout.addWidget(_keys.key_hint(_keys.SEGMENT))
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         extra = QWidget()
@@ -219,6 +221,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.model_picker.combo.currentTextChanged.connect(self._update_model_info)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.key_segment = _keys.bind(self, napari_viewer, _keys.SEGMENT[0], "_key_segment")
         self._on_image_changed()
         self._update_model_info()
         _ui.fit_width(self)
@@ -412,6 +415,10 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
             return io.create_label_store(store, shape, np.int32, overwrite=overwrite)
         except (OSError, ValueError) as exc:
             return self._fail(f"cannot create the labels store {store}: {exc}")
+
+    def _key_segment(self) -> None:
+        """Shift+G: segment, or cancel a running segmentation."""
+        self.cancel() if self.is_running() else self.run()
 
     def cancel(self) -> None:
         """Stop after the current tile; finished planes are kept or discarded (see status)."""
