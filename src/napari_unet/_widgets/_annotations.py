@@ -120,9 +120,10 @@ def unpainted_objects(plane: np.ndarray | None, annotation: np.ndarray,
 
 
 # The edited mask is derived, never stored as one array: each correction is kept as a
-# record of the pixels it wrote (and their new values) and the pixels it concerned. A record
-# counts only while some pixel it wrote still holds its new value, so napari's undo (Ctrl+Z,
-# which emits no event) takes the undone edit out of the mask, and redo puts it back.
+# record of the pixels it wrote (with the values they had before) and the pixels it
+# concerned. A record counts until every pixel it wrote is back to its old value, so
+# napari's undo (Ctrl+Z, which emits no event) takes the undone edit out of the mask and
+# redo puts it back, while a later edit over the same pixels leaves it counted.
 
 
 def _full_index(lead: tuple[int, ...], plane_index: tuple[np.ndarray, ...]) -> tuple:
@@ -131,20 +132,20 @@ def _full_index(lead: tuple[int, ...], plane_index: tuple[np.ndarray, ...]) -> t
     return tuple(np.full(n, i, np.intp) for i in lead) + tuple(plane_index)
 
 
-def _add_record(layer: Any, written: tuple, values: Any, changed: tuple) -> None:
+def _add_record(layer: Any, written: tuple, old: Any, changed: tuple) -> None:
     written = tuple(np.asarray(i, np.intp) for i in written)
     if not written or written[0].size == 0:
         return
     annotation_meta(layer).setdefault("edits", []).append(
-        {"written": written, "values": np.asarray(values), "changed": changed})
+        {"written": written, "old": np.asarray(old), "changed": changed})
 
 
 def record_edit(layer: Any, lead: tuple[int, ...], written: tuple[np.ndarray, ...],
-                values: np.ndarray, changed: np.ndarray) -> None:
+                old: np.ndarray, changed: np.ndarray) -> None:
     """Record one correction of a plane (a ``correct.Edit``): the plane pixels it wrote
-    (``written``, index arrays) with their new ``values``, and its ``changed`` mask (bool,
+    (``written``, index arrays) with their ``old`` values, and its ``changed`` mask (bool,
     the plane), which :func:`edited_mask` reports while the edit is not undone."""
-    _add_record(layer, _full_index(lead, written), values,
+    _add_record(layer, _full_index(lead, written), old,
                 _full_index(lead, np.nonzero(np.asarray(changed, bool))))
 
 
@@ -168,22 +169,25 @@ def record_strokes(layer: Any, atoms: Any) -> None:
                 local = np.nonzero(np.ones(box, bool) if mask is None
                                    else np.asarray(mask, bool).reshape(box))
                 index = tuple(i + s for i, s in zip(local, starts, strict=True))
-                _add_record(layer, index, atom.new_value, index)
+                old = np.asarray(atom.old_values)
+                if mask is None:  # a snapshot of the whole box
+                    old = old.reshape(box)[local]
+                _add_record(layer, index, old, index)
             elif isinstance(atom, tuple) and len(atom) == 3:
                 index = tuple(np.asarray(i, np.intp).ravel() for i in atom[0])
-                _add_record(layer, index, atom[2], index)
+                _add_record(layer, index, np.asarray(atom[1]).ravel(), index)
         except (IndexError, ValueError, TypeError, AttributeError):
             continue
 
 
 def live_edits(layer: Any) -> list[dict]:
     """The recorded corrections still in effect (not undone): some pixel each one wrote
-    still holds the value it wrote."""
+    differs from its value before the edit."""
     data = layer.data
     live = []
     for rec in annotation_meta(layer).get("edits", []):
         try:
-            if np.any(np.asarray(data[rec["written"]]) == rec["values"]):
+            if np.any(np.asarray(data[rec["written"]]) != rec["old"]):
                 live.append(rec)
         except (IndexError, ValueError):  # the layer's data was replaced by another shape
             continue

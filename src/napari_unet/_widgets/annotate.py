@@ -650,15 +650,15 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
                               f"{layer.data.dtype} annotation {layer.name!r}")
             return None
         diff = np.nonzero(edit.annotation != plane)
-        values = edit.annotation[diff].astype(layer.data.dtype)
+        old = plane[diff]  # a copy (fancy indexing), taken before the write below
         if diff[0].size:
             index = tuple(np.full(diff[0].size, i) for i in lead) + diff
             self._applying = True  # its paint event is this edit, recorded whole below
             try:
-                layer.data_setitem(index, values)
+                layer.data_setitem(index, edit.annotation[diff].astype(layer.data.dtype))
             finally:
                 self._applying = False
-        A.record_edit(layer, lead, diff, values, edit.changed)
+        A.record_edit(layer, lead, diff, old, edit.changed)
         self.update_corrections()
         return edit
 
