@@ -109,7 +109,7 @@ class TrainConfig:
     # starting model when fine-tuning made things worse.
     val_share: float = param(0.25, min=0, max=0.9, label="validation share",
                              help="share of the painted cells held out to score the starting "
-                             "model and the snapshots (0 = off; needs at least 8 cells)")
+                             "model and the snapshots (0 = off; needs at least 5 cells)")
     validate_every: int = param(25, min=1, advanced=True,
                                 help="steps between validation scores")
     # A few painted cells cannot retrain the whole network without forgetting: adapting
