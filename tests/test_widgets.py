@@ -134,11 +134,13 @@ def _select_model(picker, model, label="test model"):
     assert picker.label() == entry.label
 
 
-def _train_widget(viewer, model, steps=8, tile=64):
+def _train_widget(viewer, model, steps=8, tile=64, val_share=0.0):
+    """A Train widget with quick settings; no hold-out unless ``val_share`` (the tests of
+    validation ask for it: from 5 painted cells on it would change which model is kept)."""
     w = _dock(viewer, TrainWidget(viewer))
     _select_model(w.model_picker, model)
     w.settings.set(steps=steps, tile=tile, batch_size=2, elastic_alpha=2.0, lr=3e-3,
-                   device="cpu")
+                   device="cpu", val_share=val_share)
     return w
 
 
@@ -829,7 +831,7 @@ def test_train_validates_and_keeps_the_best_snapshot(viewer, notes, qtbot, base_
     sw = _dock(viewer, SegmentWidget(viewer))
     from napari_unet.train import TrainConfig
 
-    w = _train_widget(viewer, base_model, steps=100, tile=128)
+    w = _train_widget(viewer, base_model, steps=100, tile=128, val_share=0.25)
     w.settings.set(validate_every=25, lr=TrainConfig().lr)  # the fine-tuning default
     w.preview_check.setChecked(False)
     start_label = w.model_picker.label()
@@ -883,7 +885,7 @@ def test_train_not_better_keeps_start_and_segment_asks_about_other_images(
     _annotated_viewer(viewer, n_cells=10)
     image, _ = _disks((96, 96), seed=5)
     viewer.add_image(image, name="other")
-    w = _train_widget(viewer, _tiny(), steps=10, tile=64)
+    w = _train_widget(viewer, _tiny(), steps=10, tile=64, val_share=0.25)
     w.settings.set(validate_every=5)
     w.preview_check.setChecked(False)
     start_label = w.model_picker.label()
@@ -951,7 +953,7 @@ def test_train_hands_the_best_snapshot_not_the_last_to_segment(viewer, notes, qt
     monkeypatch.setattr(Validator, "score", peak_at_5)
     _annotated_viewer(viewer, n_cells=10)
     sw = _dock(viewer, SegmentWidget(viewer))
-    w = _train_widget(viewer, _tiny(), steps=10, tile=64)
+    w = _train_widget(viewer, _tiny(), steps=10, tile=64, val_share=0.25)
     w.settings.set(validate_every=5)
     w.preview_check.setChecked(False)
     w.start()
