@@ -7,9 +7,9 @@ pixel IoU, mean over images) on other images of the set:
 
 - ``pretrained``: the bundled model, no training;
 - ``fine-tune``: the bundled model fine-tuned (default ``TrainConfig``, its ``steps`` or
-  until the budget, whichever comes first) on the sparse labels;
-  with 8 or more cells a quarter is held out for validation and the model scored is the one
-  training returns (best snapshot by validation, or the bundled model when none beats it);
+  until the budget, whichever comes first) on the sparse labels; with 5 or more cells a
+  quarter (at least 2) is held out for validation and the model scored is the one training
+  returns (best snapshot by validation, or the bundled model when none beats it);
 - ``scratch``: ``UNet(ModelConfig())`` trained on the same labels, ``freeze_norm=False``,
   ``lr=2e-3``;
 - ``rf-cc`` / ``rf-ws``: scikit-image's trainable segmentation (the ilastik-style peer):
