@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     torch.manual_seed(args.seed)
                     model = UNet(ModelConfig())
                     cfg = train_cfg(freeze_norm=False, keep_prior=0.0, val_share=0.0,
-                                    lr=args.scratch_lr, steps=10**6)  # until the budget
+                                    average=1.0, lr=args.scratch_lr,
+                                    steps=10**6)  # until the budget
                 else:
                     model, cfg = bundled, train_cfg()
                     if method == "all-labels":

@@ -49,7 +49,8 @@ PREVIEW_MAX = 384  # preview at most this many pixels square (around the view ce
 PREVIEW_EVERY_S = 3.0
 PREVIEW_TILE = 256
 VALIDATION = "validation AP"  # the loss plot's series of held-out scores (own axis, 0..1)
-SCRATCH_DEFAULTS = {"freeze_norm": False, "keep_prior": 0.0}  # see train.train_config
+SCRATCH_DEFAULTS = {"freeze_norm": False, "keep_prior": 0.0,  # see train.train_config
+                    "average": 1.0}
 
 
 @dataclass
