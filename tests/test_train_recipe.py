@@ -43,3 +43,32 @@ def test_average_hands_back_a_blend_of_start_and_fine_tuned_weights():
             torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="average"):
         TrainConfig(average=0.0)
+
+
+@pytest.mark.parametrize("prefer_blend", [True, False])
+def test_validation_keeps_the_blend_or_the_trained_weights_whichever_scores_better(
+        monkeypatch, prefer_blend):
+    from napari_unet.validation import ValidationScore, Validator
+
+    box = {}
+
+    def score(self, model, step):
+        blended = model is box["trainer"].model
+        ap = 0.2 if step == 0 else (0.9 if blended == prefer_blend else 0.6)
+        return ValidationScore(step, ap, 0.5, 0.01)
+
+    monkeypatch.setattr(Validator, "score", score)
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(depth=3, base_channels=8))
+    image, labels = touching_disks((128, 128), seed=0)
+    cfg = TrainConfig(steps=4, lr=1e-2, batch_size=2, tile=64, device="cpu", validate_every=4,
+                      augment=AugmentConfig(elastic_alpha=0))
+    trainer = box["trainer"] = Trainer(model, [TrainingPair(image, sparse_annotation(labels, 8))],
+                                       cfg)
+    tuned = drain(trainer.run())
+    assert trainer.best_score.ap == 0.9 and trainer.best_blended == prefer_blend
+    expected = trainer.model if prefer_blend else trainer._trained
+    for key, value in tuned.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[key])
+    assert ("blended half-way" in trainer.message) == prefer_blend
+    assert trainer.history[-1].seconds == pytest.approx(0.02)  # both scorings counted

@@ -9,6 +9,7 @@ a finite loss), so stopping, a NaN loss or a crash never loses the model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -375,6 +376,8 @@ class Trainer:
         # Starting weights for the interpolation in _snapshot (CPU, float like the model).
         self.start_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} \
             if config.average < 1.0 else None
+        self._trained: UNet | None = None  # the snapshot unblended, for validation
+        self.best_blended = False  # whether self.best is a blend with the starting weights
         self.optimizer = torch.optim.AdamW(
             [p for p in self.net.parameters() if p.requires_grad], lr=config.lr,
             weight_decay=1e-5)
@@ -420,15 +423,38 @@ class Trainer:
         return self.best if self.validator is not None else self.model
 
     def _validate(self) -> ValidationScore:
-        """Score the last good snapshot; keep it when it beats the best so far."""
+        """Score the last good snapshot; keep it when it beats the best so far.
+
+        With ``average`` < 1 the snapshot is scored both blended with the starting weights
+        and as trained, and the better one competes: blending guards a few labels against
+        forgetting, but where the model must change a lot (e.g. learn to split cells it
+        merged) the half-way weights can be worse than either end.
+        """
         assert self.validator is not None
-        score = self.validator.score(self.model, self.step)
+        candidate = self.model
+        score = self.validator.score(candidate, self.step)
+        if self.start_state is not None and self.step > 0:
+            if self._trained is None:
+                self._trained = copy.deepcopy(self.model)
+            self._trained.load_state_dict({k: v.detach().cpu() for k, v in
+                                           self.net.state_dict().items()})
+            self._trained.eval()
+            trained = self.validator.score(self._trained, self.step)
+            seconds = score.seconds + trained.seconds
+            if trained.beats(score):
+                candidate, score = self._trained, trained
+            score = dataclasses.replace(score, seconds=seconds)
         self.history.append(score)
         if self.best_score is None or score.beats(self.best_score):
             self.best_score = score
             if self.step > 0:
-                self.best.load_state_dict(self.model.state_dict())
+                self.best.load_state_dict(candidate.state_dict())
+                self.best_blended = candidate is self.model and self.start_state is not None
         self.message = summary(self.history, self.best_score, self.validator.n_cells)
+        if self.best_blended and self.best_score.step > 0:
+            self.message += " (blended half-way with the starting weights)" \
+                if self.config.average == 0.5 else \
+                f" (a {self.config.average:g} share of it, blended with the starting weights)"
         return score
 
     def _save_after_failure(self) -> str:
