@@ -112,9 +112,13 @@ class TrainConfig:
     # starting model when fine-tuning made things worse.
     val_share: float = param(0.25, min=0, max=0.9, label="validation share",
                              help="share of the painted cells held out to score the starting "
-                             "model and the snapshots (0 = off; needs at least 5 cells)")
+                             "model and the snapshots (0 = off; needs 'validate from' painted "
+                             "cells)")
     validate_every: int = param(25, min=1, advanced=True,
                                 help="steps between validation scores")
+    val_min_cells: int = param(5, min=5, max=10**6, advanced=True,
+                               label="validate from",
+                               help="painted cells needed before some are held out")
     # A few painted cells cannot retrain the whole network without forgetting: adapting
     # only the decoder keeps the pretrained features and skips the encoder's backward pass.
     adapt: str = param("all", choices=("all", "decoder"), advanced=True,
@@ -350,7 +354,8 @@ class Trainer:
         margin = config.augment.margin
         # Validation pixels leave the training annotation before targets are built.
         train_pairs, held, self.validation_note = split_validation(pairs, config.val_share,
-                                                                   config.seed)
+                                                                   config.seed,
+                                                                   config.val_min_cells)
         data = prepare_pairs(train_pairs, model.config.in_channels, config.tile + 2 * margin,
                              margin, model.config.norm_percentiles, config.w0, config.sigma,
                              distance=model.config.distance,

@@ -72,7 +72,7 @@ def _cells(annotation: np.ndarray) -> np.ndarray:
 
 
 def split_validation(
-    pairs: Sequence[TrainingPair], share: float, seed: int = 0
+    pairs: Sequence[TrainingPair], share: float, seed: int = 0, min_cells: int = MIN_CELLS
 ) -> tuple[list[TrainingPair], list[tuple[int, np.ndarray]], str]:
     """Take validation pixels out of the training pairs.
 
@@ -119,9 +119,9 @@ def split_validation(
                 strata[c in touched].append((i, c))
         n_cells = sum(len(v) for v in strata.values())
         rng = np.random.default_rng(seed)
-        if n_cells < MIN_CELLS:
+        if n_cells < max(min_cells, MIN_VAL_CELLS + MIN_TRAIN_CELLS):
             return list(pairs), [], (f"validation off: {n_cells} painted cell(s) are too "
-                                     f"few to hold some out (paint at least {MIN_CELLS})")
+                                     f"few to hold some out (paint at least {min_cells})")
         chosen = [cells[j] for cells in strata.values()
                   for j in rng.permutation(len(cells))[:int(round(share * len(cells)))]]
         # Rounding per stratum may leave fewer than the minimum: top up from the rest.
