@@ -303,6 +303,13 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
     def is_running(self) -> bool:
         return self.runner.running()
 
+    def _key_segment(self) -> None:
+        """Shift+G: segment, or cancel a running segmentation."""
+        if self.is_running():
+            self.cancel()
+        else:
+            self.run()
+
     # ------------------------------------------------------------ run
 
     def _fail(self, message: str) -> None:
@@ -415,10 +422,6 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
             return io.create_label_store(store, shape, np.int32, overwrite=overwrite)
         except (OSError, ValueError) as exc:
             return self._fail(f"cannot create the labels store {store}: {exc}")
-
-    def _key_segment(self) -> None:
-        """Shift+G: segment, or cancel a running segmentation."""
-        self.cancel() if self.is_running() else self.run()
 
     def cancel(self) -> None:
         """Stop after the current tile; finished planes are kept or discarded (see status)."""

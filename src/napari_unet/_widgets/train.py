@@ -398,7 +398,10 @@ class TrainWidget(_ui.TabbedDock, QWidget):
 
     def _key_train(self) -> None:
         """Shift+T: train, or stop a running training."""
-        self.stop() if self.is_running() else self.start()
+        if self.is_running():
+            self.stop()
+        else:
+            self.start()
 
     def stop(self) -> None:
         """Stop after the current step; the model as trained so far is kept."""
