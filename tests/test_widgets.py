@@ -947,7 +947,8 @@ def test_train_hands_the_best_snapshot_not_the_last_to_segment(viewer, notes, qt
     snapshots: dict[int, dict] = {}
 
     def peak_at_5(self, model, step):
-        snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        # The first model scored at a step is the blend training hands back on a tie.
+        snapshots.setdefault(step, {k: v.clone() for k, v in model.state_dict().items()})
         return ValidationScore(step, 0.5 + 0.1 * (step == 5), 0.6, 0.0)
 
     monkeypatch.setattr(Validator, "score", peak_at_5)
@@ -960,7 +961,7 @@ def test_train_hands_the_best_snapshot_not_the_last_to_segment(viewer, notes, qt
     _wait_done(qtbot, w)
     assert not _errors(notes), notes
     trainer = w.job.trainer
-    assert trainer.message.endswith("keeping step 5")
+    assert "keeping step 5" in trainer.message
     assert w.status.plain().endswith(trainer.message) and w.status.level == "info"
     entry = c.REGISTRY.latest("finetuned")
     assert entry.model is trainer.best is w.model and entry.model is not trainer.model
