@@ -65,8 +65,8 @@ class TrainingPair:
 class TrainConfig:
     """Training settings; defaults suit fine-tuning the bundled model on a laptop CPU."""
 
-    # Few, sure steps: on the few-label benchmark validation kept step 25-125 of every
-    # 740-step run; the rest only drifted (benchmarks/README.md).
+    # Few, sure steps: on the few-label benchmark validation mostly kept step 25-125 of
+    # ~800-step runs (benchmarks/README.md); 200 steps take a quarter of the time.
     steps: int = param(200, min=1, max=10**9, help="optimisation steps")
     lr: float = param(2e-4, min=0, max=1, min_exclusive=True, label="learning rate",
                       help="learning rate (AdamW)")
