@@ -134,6 +134,7 @@ def test_from_scratch_settings_drop_what_a_new_model_lacks():
     assert TrainConfig().freeze_norm and TrainConfig().keep_prior > 0
     cfg = train_config(True, steps=5)
     assert not cfg.freeze_norm and cfg.keep_prior == 0 and cfg.steps == 5
+    assert cfg.average == 1.0 and TrainConfig().average < 1.0  # no random init blended in
     assert train_config(False) == TrainConfig()
 
 

@@ -50,10 +50,18 @@ def test_split_holds_out_a_share_of_cells_with_their_background():
     assert pair.annotation.max() >= FIRST_CELL and (pair.annotation[gone] >= 2).all()  # pure
 
 
-def test_split_off_with_too_few_cells_and_marked_regions_win():
+def test_split_holds_out_two_of_five_cells():
     pair, _ = _pair(5)
     train, held, note = split_validation([pair], 0.25)
-    assert held == [] and train[0] is pair and "too few" in note and "at least 8" in note
+    assert len(held) == 1 and "holding out 2 of 5" in note
+    left = np.unique(train[0].annotation)
+    assert len(left[left >= FIRST_CELL]) == 3
+
+
+def test_split_off_with_too_few_cells_and_marked_regions_win():
+    pair, _ = _pair(4)
+    train, held, note = split_validation([pair], 0.25)
+    assert held == [] and train[0] is pair and "too few" in note and "at least 5" in note
     region = np.zeros(pair.annotation.shape, bool)
     region[:60] = True
     marked = TrainingPair(pair.image, pair.annotation, validation=region)

@@ -119,45 +119,79 @@ def unpainted_objects(plane: np.ndarray | None, annotation: np.ndarray,
 # ---------------------------------------------------------------- corrections
 
 
-def record_edit(layer: Any, lead: tuple[int, ...], changed: np.ndarray) -> None:
-    """OR a plane's ``changed`` pixels (from a ``correct.Edit``) into the layer's edited mask.
-
-    Kept in the layer metadata (``["napari_unet"]["edited"]``, bool, the annotation's shape)
-    so training can weigh the user's corrections above untouched predictions.
-    """
-    edited = _edited_store(layer)
-    shape = edited.shape
-    edited[annotation_plane_key(shape, lead)] |= np.asarray(changed, bool)
+# The edited mask is derived, never stored as one array: each correction is kept as a
+# record of the pixels it wrote (with the values they had before) and the pixels it
+# concerned. A record counts until every pixel it wrote is back to its old value, so
+# napari's undo (Ctrl+Z, which emits no event) takes the undone edit out of the mask and
+# redo puts it back, while a later edit over the same pixels leaves it counted.
 
 
-def _edited_store(layer: Any) -> np.ndarray:
-    """The layer's edited mask (annotation shape), created empty when missing or stale."""
-    meta = annotation_meta(layer)
-    shape = tuple(layer.data.shape)
-    edited = meta.get("edited")
-    if not isinstance(edited, np.ndarray) or edited.shape != shape:
-        edited = np.zeros(shape, bool)
-        meta["edited"] = edited
-    return edited
+def _full_index(lead: tuple[int, ...], plane_index: tuple[np.ndarray, ...]) -> tuple:
+    """Index arrays of a plane's pixels, prefixed by the plane's leading indices."""
+    n = plane_index[0].size
+    return tuple(np.full(n, i, np.intp) for i in lead) + tuple(plane_index)
+
+
+def _add_record(layer: Any, written: tuple, old: Any, changed: tuple) -> None:
+    written = tuple(np.asarray(i, np.intp) for i in written)
+    if not written or written[0].size == 0:
+        return
+    annotation_meta(layer).setdefault("edits", []).append(
+        {"written": written, "old": np.asarray(old), "changed": changed})
+
+
+def record_edit(layer: Any, lead: tuple[int, ...], written: tuple[np.ndarray, ...],
+                old: np.ndarray, changed: np.ndarray) -> None:
+    """Record one correction of a plane (a ``correct.Edit``): the plane pixels it wrote
+    (``written``, index arrays) with their ``old`` values, and its ``changed`` mask (bool,
+    the plane), which :func:`edited_mask` reports while the edit is not undone."""
+    _add_record(layer, _full_index(lead, written), old,
+                _full_index(lead, np.nonzero(np.asarray(changed, bool))))
 
 
 def record_strokes(layer: Any, atoms: Any) -> None:
-    """OR the pixels of napari paint-history atoms (a ``Labels.events.paint`` value) into
-    the edited mask: brush, fill and erase strokes on a converted segmentation are fixes.
+    """Record the pixels of napari paint-history atoms (a ``Labels.events.paint`` value) as
+    corrections: brush, fill and erase strokes on a converted segmentation are fixes.
 
     Handles napari's fancy-index ``(indices, old, new)`` atoms and its masked atoms
     (``slice_key`` + ``mask``); anything else is skipped (never break painting).
     """
-    edited = _edited_store(layer)
+    shape = tuple(layer.data.shape)
     for atom in atoms or ():
         key, mask = getattr(atom, "slice_key", None), getattr(atom, "mask", None)
         try:
             if key is not None:
-                edited[tuple(key)] |= True if mask is None else np.asarray(mask, bool)
+                starts = [k.indices(n)[0] if isinstance(k, slice) else int(k)
+                          for k, n in zip(key, shape, strict=False)]
+                box = tuple(max((k.indices(n)[1] - k.indices(n)[0]), 0)
+                            if isinstance(k, slice) else 1
+                            for k, n in zip(key, shape, strict=False))
+                local = np.nonzero(np.ones(box, bool) if mask is None
+                                   else np.asarray(mask, bool).reshape(box))
+                index = tuple(i + s for i, s in zip(local, starts, strict=True))
+                old = np.asarray(atom.old_values)
+                if mask is None:  # a snapshot of the whole box
+                    old = old.reshape(box)[local]
+                _add_record(layer, index, old, index)
             elif isinstance(atom, tuple) and len(atom) == 3:
-                edited[tuple(atom[0])] = True
-        except (IndexError, ValueError, TypeError):
+                index = tuple(np.asarray(i, np.intp).ravel() for i in atom[0])
+                _add_record(layer, index, np.asarray(atom[1]).ravel(), index)
+        except (IndexError, ValueError, TypeError, AttributeError):
             continue
+
+
+def live_edits(layer: Any) -> list[dict]:
+    """The recorded corrections still in effect (not undone): some pixel each one wrote
+    differs from its value before the edit."""
+    data = layer.data
+    live = []
+    for rec in annotation_meta(layer).get("edits", []):
+        try:
+            if np.any(np.asarray(data[rec["written"]]) != rec["old"]):
+                live.append(rec)
+        except (IndexError, ValueError):  # the layer's data was replaced by another shape
+            continue
+    return live
 
 
 def remember_painted(layer: Any, lead: tuple[int, ...], label: int) -> None:
@@ -172,7 +206,7 @@ def edited_mask(layer: Any) -> np.ndarray | None:
     """Bool mask (annotation shape) of the cells the user corrected, or None if none.
 
     Whole cells count (``correct.edited_objects``, per plane: ids may repeat across planes),
-    including cells painted by hand after "paint a missed cell". Pass it to
+    including cells painted by hand after "paint a missed cell"; undone edits do not. Pass it to
     ``pairs_from_arrays(..., edited=edited_mask(layer))``.
     """
     from ..correct import edited_objects
@@ -181,9 +215,11 @@ def edited_mask(layer: Any) -> np.ndarray | None:
     if not isinstance(meta, dict):
         return None
     data = np.asarray(layer.data)
-    edited = meta.get("edited")
+    edited = meta.get("edited")  # loaded with a saved annotation (<stem>_edited.tif)
     mask = np.array(edited, bool) if isinstance(edited, np.ndarray) and \
         edited.shape == data.shape else np.zeros(data.shape, bool)
+    for rec in live_edits(layer):
+        mask[rec["changed"]] = True
     for lead, label in meta.get("painted_cells", []):
         if len(lead) == data.ndim - 2:
             key = annotation_plane_key(data.shape, tuple(lead))

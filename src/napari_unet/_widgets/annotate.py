@@ -35,6 +35,7 @@ from ..targets import BACKGROUND, FIRST_CELL
 from . import _annotation_io as _io
 from . import _annotations as A
 from . import _layers as L
+from . import _shortcuts as _keys
 from . import _ui
 from ._annotation_io import ANNOTATION_SUFFIX, annotation_name
 
@@ -427,6 +428,7 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
         """The "Correct a segmentation" group (in ``actions_layout``)."""
         self._merge_first: Any = None  # position of the first cell of a merge
         self._tool: str | None = None  # "delete" / "merge": clicks on the annotation act
+        self._applying = False  # True while _apply writes an edit (recorded by _apply)
         box = QGroupBox("Correct a segmentation")
         lay = QVBoxLayout(box)
         form = QFormLayout()
@@ -464,7 +466,9 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
         self.merge_button.setCheckable(True)
         lay.addLayout(grid)
         keys = QLabel("Keys, with the annotation layer selected:<br>" + "<br>".join(
-            f"<b>{key.replace('-', '+')}</b> {text}" for key, text in SHORTCUTS.values()))
+            f"<b>{key.replace('-', '+')}</b> {text}" for key, text in SHORTCUTS.values())
+            + "<br>Anywhere, while the Train / Segment widget is open:<br>"
+            + _keys.describe(_keys.TRAIN, _keys.SEGMENT))
         keys.setWordWrap(True)
         lay.addWidget(keys)
         self.edited_label = QLabel("")
@@ -508,7 +512,7 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
         """Hand strokes on an annotation converted from a segmentation are corrections."""
         layer = self.annotation_layer()
         meta = None if layer is None else layer.metadata.get(L.TAG)
-        if isinstance(meta, dict) and meta.get("from_segmentation"):
+        if isinstance(meta, dict) and meta.get("from_segmentation") and not self._applying:
             A.record_strokes(layer, getattr(event, "value", None))
 
     # ---- correct from segmentation
@@ -646,16 +650,25 @@ class AnnotateWidget(_ui.TabbedDock, QWidget):
                               f"{layer.data.dtype} annotation {layer.name!r}")
             return None
         diff = np.nonzero(edit.annotation != plane)
+        old = plane[diff]  # a copy (fancy indexing), taken before the write below
         if diff[0].size:
             index = tuple(np.full(diff[0].size, i) for i in lead) + diff
-            layer.data_setitem(index, edit.annotation[diff].astype(layer.data.dtype))
-        A.record_edit(layer, lead, edit.changed)
-        # A count, not the edited mask: that costs a pass over a whole stack per click.
-        n = A.annotation_meta(layer).get("n_corrections", 0) + 1
-        A.annotation_meta(layer)["n_corrections"] = n
-        self.edited_label.setText(f"{n} correction(s) recorded: the corrected cells weigh "
-                                  "more in training")
+            self._applying = True  # its paint event is this edit, recorded whole below
+            try:
+                layer.data_setitem(index, edit.annotation[diff].astype(layer.data.dtype))
+            finally:
+                self._applying = False
+        A.record_edit(layer, lead, diff, old, edit.changed)
+        self.update_corrections()
         return edit
+
+    def update_corrections(self) -> int:
+        """Show how many recorded corrections are in effect (undone ones do not count)."""
+        layer = self.annotation_layer()
+        n = 0 if layer is None else len(A.live_edits(layer))
+        self.edited_label.setText(f"{n} correction(s) recorded: the corrected cells weigh "
+                                  "more in training" if n else "")
+        return n
 
     def delete_at(self, position: Any) -> correct.Edit | None:
         """Delete the cell at ``position`` (annotation data coordinates)."""

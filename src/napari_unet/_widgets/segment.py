@@ -47,6 +47,7 @@ from ..segment import (
 )
 from ..stitch import StitchProgress, stitch_planes_iter
 from . import _layers as L
+from . import _shortcuts as _keys
 from . import _ui
 from ._forms import ConfigForm, Settings
 from ._models import DEVICES, ModelPicker
@@ -213,6 +214,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         layout.addLayout(buttons)
+        layout.addWidget(_keys.key_hint(_keys.SEGMENT))
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         extra = QWidget()
@@ -242,6 +244,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.model_picker.combo.currentTextChanged.connect(self._update_model_info)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.key_segment = _keys.bind(self, napari_viewer, _keys.SEGMENT[0], "_key_segment")
         self._on_image_changed()
         self._update_model_info()
         _ui.fit_width(self)
@@ -322,6 +325,13 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
 
     def is_running(self) -> bool:
         return self.runner.running()
+
+    def _key_segment(self) -> None:
+        """Shift+G: segment, or cancel a running segmentation."""
+        if self.is_running():
+            self.cancel()
+        else:
+            self.run()
 
     # ------------------------------------------------------------ run
 

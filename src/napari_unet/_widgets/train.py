@@ -35,6 +35,7 @@ from ..segment import read_plane, segment
 from ..targets import FIRST_CELL
 from ..train import TrainConfig, Trainer, TrainingPair, TrainProgress, pairs_from_arrays
 from . import _layers as L
+from . import _shortcuts as _keys
 from . import _ui
 from ._annotations import annotation_of, complete_mask, edited_mask
 from ._forms import ConfigForm, Settings
@@ -47,7 +48,8 @@ PREVIEW_MAX = 384  # preview at most this many pixels square (around the view ce
 PREVIEW_EVERY_S = 3.0
 PREVIEW_TILE = 256
 VALIDATION = "validation AP"  # the loss plot's series of held-out scores (own axis, 0..1)
-SCRATCH_DEFAULTS = {"freeze_norm": False, "keep_prior": 0.0}  # see train.train_config
+SCRATCH_DEFAULTS = {"freeze_norm": False, "keep_prior": 0.0,  # see train.train_config
+                    "average": 1.0}
 
 
 @dataclass
@@ -174,6 +176,7 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         buttons.addWidget(ExportButton(
             lambda: self.model if self.model is not None else self.model_picker.model()))
         layout.addLayout(buttons)
+        layout.addWidget(_keys.key_hint(_keys.TRAIN))
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addWidget(self.validation_label)
@@ -203,6 +206,7 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         self.train_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
         self.save_button.clicked.connect(self._ask_save)
+        self.key_train = _keys.bind(self, napari_viewer, _keys.TRAIN[0], "_key_train")
         events = napari_viewer.layers.events
         for emitter in (events.inserted, events.removed):
             emitter.connect(self.refresh_pairs)
@@ -403,6 +407,13 @@ class TrainWidget(_ui.TabbedDock, QWidget):
         return self.runner.start(job, gen, on_progress=self._on_progress,
                                  on_done=self._on_returned, on_failure=self._on_error,
                                  on_finished=self._on_finished)
+
+    def _key_train(self) -> None:
+        """Shift+T: train, or stop a running training."""
+        if self.is_running():
+            self.stop()
+        else:
+            self.start()
 
     def stop(self) -> None:
         """Stop after the current step; the model as trained so far is kept."""
