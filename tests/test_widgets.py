@@ -15,14 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-if sys.platform.startswith("linux") and not (
-        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-        or os.environ.get("QT_QPA_PLATFORM")):
-    # Without a display Qt aborts the whole pytest process; skip instead.
-    pytest.skip("widget tests need a display: run them under xvfb-run -a",
-                allow_module_level=True)
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+from _display import require_display
+
+require_display()
 
 import torch  # noqa: E402
 from napari.layers import Labels  # noqa: E402

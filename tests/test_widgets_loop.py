@@ -7,20 +7,14 @@ images, asserting that AP went up. Needs Qt and a display (run under xvfb-run).
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import numpy as np
 import pytest
 
-if sys.platform.startswith("linux") and not (
-        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-        or os.environ.get("QT_QPA_PLATFORM")):
-    pytest.skip("widget tests need a display: run them under xvfb-run -a",
-                allow_module_level=True)
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+from _display import require_display
+
+require_display()
 
 import torch  # noqa: E402
 from napari.utils.key_bindings import coerce_keybinding  # noqa: E402

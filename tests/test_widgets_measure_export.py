@@ -4,20 +4,14 @@ package in napari (needs Qt and a display: run under xvfb-run)."""
 from __future__ import annotations
 
 import csv
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-if sys.platform.startswith("linux") and not (
-        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-        or os.environ.get("QT_QPA_PLATFORM")):
-    pytest.skip("widget tests need a display: run them under xvfb-run -a",
-                allow_module_level=True)
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+from _display import require_display
+
+require_display()
 
 from napari_unet._widgets import _models, _ui  # noqa: E402
 from napari_unet._widgets.export import ExportButton  # noqa: E402
