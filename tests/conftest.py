@@ -34,3 +34,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    """Notifications shown by the widgets, as (level, message); imports Qt only when a
+    (widget) test asks for it."""
+    from napari_unet._widgets import _ui
+
+    got: list[tuple[str, str]] = []
+    for level in ("error", "warning", "info"):
+        monkeypatch.setattr(_ui, f"show_{level}",
+                            lambda msg, level=level: got.append((level, str(msg))))
+    return got

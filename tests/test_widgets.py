@@ -72,16 +72,6 @@ def _no_modal_questions(monkeypatch):
     monkeypatch.setattr(_ui, "confirm", unexpected)
 
 
-@pytest.fixture
-def notes(monkeypatch):
-    """Notifications shown by the widgets, as (level, message)."""
-    got: list[tuple[str, str]] = []
-    for level in ("error", "warning", "info"):
-        monkeypatch.setattr(_ui, f"show_{level}",
-                            lambda msg, level=level: got.append((level, str(msg))))
-    return got
-
-
 @pytest.fixture(scope="module")
 def trained_model() -> UNet:
     """A tiny model trained (by the engine) to separate touching disks; ~7 s on a CPU."""

@@ -55,15 +55,6 @@ def questions(monkeypatch):
 
 
 @pytest.fixture
-def notes(monkeypatch):
-    got: list[tuple[str, str]] = []
-    for level in ("error", "warning", "info"):
-        monkeypatch.setattr(_ui, f"show_{level}",
-                            lambda msg, level=level: got.append((level, str(msg))))
-    return got
-
-
-@pytest.fixture
 def viewer(make_napari_viewer):
     return make_napari_viewer()
 

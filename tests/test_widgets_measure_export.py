@@ -13,7 +13,7 @@ from _display import require_display
 
 require_display()
 
-from napari_unet._widgets import _models, _ui  # noqa: E402
+from napari_unet._widgets import _models  # noqa: E402
 from napari_unet._widgets.export import ExportButton  # noqa: E402
 from napari_unet._widgets.measure import MeasureWidget, measure_layer  # noqa: E402
 from napari_unet.model import ModelConfig, UNet  # noqa: E402
@@ -21,15 +21,6 @@ from napari_unet.sample import load_sample  # noqa: E402
 
 pytestmark = pytest.mark.widgets
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def notes(monkeypatch):
-    got: list[tuple[str, str]] = []
-    for level in ("error", "warning", "info"):
-        monkeypatch.setattr(_ui, f"show_{level}",
-                            lambda msg, level=level: got.append((level, str(msg))))
-    return got
 
 
 @pytest.fixture(autouse=True)
