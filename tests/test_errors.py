@@ -321,12 +321,9 @@ def test_train_disk_full_is_a_message(files, tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------- fully annotated regions
 
 
-def test_train_uses_the_sidecar_of_the_annotate_widget(files, tmp_path, capsys, monkeypatch):
-    ann = tmp_path / "gray_annotation.tif"
-    ann.write_bytes((files / "gray_annotation.tif").read_bytes())
-    rect = np.array([[0, 0], [0, 9], [4, 9], [4, 0]], float)  # 5 x 10 pixels
-    write_sidecar(ann, image=None, image_layer="gray", channel_axis=None,
-                  complete_planes=[], complete_rectangles=[rect])
+def _pairs_train_reads(files, ann, tmp_path, capsys, monkeypatch) -> list:
+    """The training pairs `napari-unet train` builds from the gray image and ``ann``
+    (stopped before the first step: the run ends as a Ctrl-C, exit 130)."""
     seen = {}
 
     def capture(model, pairs, config):
@@ -336,9 +333,17 @@ def test_train_uses_the_sidecar_of_the_annotate_widget(files, tmp_path, capsys, 
     monkeypatch.setattr(cli, "Trainer", capture)
     argv = _train_argv(files, tmp_path / "m.safetensors")
     argv[4] = ann
-    rc, err = run_cli(capsys, *argv)
-    assert rc == 130
-    (pair,) = seen["pairs"]
+    assert run_cli(capsys, *argv)[0] == 130
+    return seen["pairs"]
+
+
+def test_train_uses_the_sidecar_of_the_annotate_widget(files, tmp_path, capsys, monkeypatch):
+    ann = tmp_path / "gray_annotation.tif"
+    ann.write_bytes((files / "gray_annotation.tif").read_bytes())
+    rect = np.array([[0, 0], [0, 9], [4, 9], [4, 0]], float)  # 5 x 10 pixels
+    write_sidecar(ann, image=None, image_layer="gray", channel_axis=None,
+                  complete_planes=[], complete_rectangles=[rect])
+    (pair,) = _pairs_train_reads(files, ann, tmp_path, capsys, monkeypatch)
     assert pair.complete is not None and pair.complete.sum() == 50
     assert pair.complete[:5, :10].all()
     assert pair.edited is None
@@ -358,17 +363,7 @@ def test_train_weighs_the_cells_corrected_in_the_annotate_widget(files, tmp_path
     tifffile.imwrite(tmp_path / "gray_edited.tif", edited)
     write_sidecar(ann, image=None, image_layer="gray", channel_axis=None, complete_planes=[],
                   complete_rectangles=[], edited="gray_edited.tif")
-    seen = {}
-
-    def capture(model, pairs, config):
-        seen["pairs"] = pairs
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "Trainer", capture)
-    argv = _train_argv(files, tmp_path / "m.safetensors")
-    argv[4] = ann
-    assert run_cli(capsys, *argv)[0] == 130
-    (pair,) = seen["pairs"]
+    (pair,) = _pairs_train_reads(files, ann, tmp_path, capsys, monkeypatch)
     assert pair.edited is not None and pair.edited.sum() == 48 and pair.edited[:6, :8].all()
     with pytest.raises(ValueError, match="has shape"):
         edited_mask((3, *shape), read_sidecar(ann))

@@ -72,6 +72,26 @@ def _no_modal_questions(monkeypatch):
     monkeypatch.setattr(_ui, "confirm", unexpected)
 
 
+class _Questions(list):
+    """Yes/No questions asked, in order; each is answered with ``reply``."""
+
+    reply = False
+
+
+@pytest.fixture
+def questions(monkeypatch):
+    """Record the widgets' Yes/No questions instead of failing on them (answer: No, until
+    the test sets ``questions.reply``)."""
+    asked = _Questions()
+
+    def confirm(parent, question):
+        asked.append(question)
+        return asked.reply
+
+    monkeypatch.setattr(_ui, "confirm", confirm)
+    return asked
+
+
 @pytest.fixture(scope="module")
 def trained_model() -> UNet:
     """A tiny model trained (by the engine) to separate touching disks; ~7 s on a CPU."""
@@ -933,22 +953,13 @@ def test_segment_cancel_keeps_or_discards_partial_results(viewer, notes, qtbot,
     assert not _errors(notes)
 
 
-def test_fully_annotated_warns_when_many_cells_are_unpainted(viewer, notes, monkeypatch):
+def test_fully_annotated_warns_when_many_cells_are_unpainted(viewer, notes, questions):
     aw, ann = _annotated_viewer(viewer, n_cells=2)  # 2 of ~12 disks painted
-    asked: list[str] = []
-
-    def answer(reply):
-        def confirm(parent, question):
-            asked.append(question)
-            return reply
-        return confirm
-
-    monkeypatch.setattr(_ui, "confirm", answer(False))
     aw.set_slice_complete(True)
-    assert asked and "no painted pixel" in asked[-1]
+    assert questions and "no painted pixel" in questions[-1]
     assert not c.complete_planes(ann) and not aw.slice_check.isChecked()
     assert "not marked" in aw.status.plain()
-    monkeypatch.setattr(_ui, "confirm", answer(True))
+    questions.reply = True
     aw.set_slice_complete(True)
     assert c.complete_planes(ann) == {()}
 
@@ -1030,7 +1041,7 @@ def test_train_validates_and_keeps_the_best_snapshot(viewer, notes, qtbot, base_
 
 
 def test_train_not_better_keeps_start_and_segment_asks_about_other_images(
-        viewer, notes, qtbot, monkeypatch):
+        viewer, notes, qtbot, monkeypatch, questions):
     """Scores forced down: the starting model stays selected; a fine-tuned model chosen by
     hand for another image is used only after a Yes (asked once per image)."""
     from napari_unet.validation import ValidationScore, Validator
@@ -1069,19 +1080,10 @@ def test_train_not_better_keeps_start_and_segment_asks_about_other_images(
     assert "fine-tuned on disks" in sw.model_info.text()
     assert "validation AP 0.70 (start 0.80" in sw.model_info.text()
     assert "not on 'other'" in sw.model_info.text()
-    questions: list[str] = []
-
-    def answer(value):
-        def confirm(parent, question):
-            questions.append(question)
-            return value
-        return confirm
-
-    monkeypatch.setattr(_ui, "confirm", answer(False))
     assert sw.run() is None and len(questions) == 1 and "'other'" in questions[0]
     assert "not segmented" in sw.status.plain()
     assert c.owned_layer(viewer, "labels", "other") is None
-    monkeypatch.setattr(_ui, "confirm", answer(True))
+    questions.reply = True
     sw.run()
     _wait_done(qtbot, sw)
     assert c.owned_layer(viewer, "labels", "other") is not None and len(questions) == 2
