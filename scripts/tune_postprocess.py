@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/napari-unet-maps"))
     ap.add_argument("--sets", nargs="+", default=list(SETS))
     ap.add_argument("--grid", default="{}", help="JSON: setting -> list of values to try")
+    ap.add_argument("--tta", action="store_true",
+                    help="predict with flip averaging (InferenceConfig.tta); not recorded")
     ap.add_argument("--record", type=Path, default=None,
                     help="write the (single) model to this file with the scores of the "
                     "default settings as its provenance's validation_scores")
@@ -41,11 +43,12 @@ def main() -> None:
     keys = list(grid)
     for path in args.models:
         model = load_model(path)
-        predictor = Predictor(model, InferenceConfig(device="cpu"))
+        predictor = Predictor(model, InferenceConfig(device="cpu", tta=args.tta))
+        tag = path.parent.name + ("-tta" if args.tta else "")
         maps = {}
         for name, samples in sets.items():
             for s in samples:
-                f = args.cache / path.parent.name / name / f"{s.name}.npy"
+                f = args.cache / tag / name / f"{s.name}.npy"
                 if not f.exists():
                     f.parent.mkdir(parents=True, exist_ok=True)
                     np.save(f, predictor.predict(s.image).astype(np.float16))
@@ -55,14 +58,14 @@ def main() -> None:
             if settings.get("seeds") == "distance" and not model.config.distance:
                 continue
             post = PostprocessConfig(**settings)
-            line = [f"{path.parent.name}", json.dumps(settings)]
+            line = [tag, json.dumps(settings)]
             for name, samples in sets.items():
                 _, m = evaluate_many((s.name, labels_from_probs(maps[name, s.name], post),
                                       s.labels) for s in samples)
                 line.append(f"{name[:6]} AP {m['ap']:.3f} M{m['merges']} S{m['splits']} "
                             f"F{m['false_objects']} X{m['misses']} A{m['area_ratio']:.2f}")
             print(" | ".join(line), flush=True)
-            if args.record is not None and not settings:
+            if args.record is not None and not settings and not args.tta:
                 record(model, args.record, {
                     name: evaluate_many((s.name, labels_from_probs(maps[name, s.name], post),
                                          s.labels) for s in samples)[1]

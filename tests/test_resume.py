@@ -33,7 +33,7 @@ from napari_unet.batch import (
 )
 from napari_unet.cli import main
 from napari_unet.model import load_model
-from napari_unet.segment import segment
+from napari_unet.segment import InferenceConfig, segment
 from napari_unet.tiling import drain
 from test_lazy import disk_stack, make_tiny_model
 
@@ -96,6 +96,24 @@ def test_finished_output_is_skipped_only_if_nothing_changed(tmp_path, model_file
     for out in (tmp_path / "o.zarr", tmp_path / "o.tif"):
         assert _seg(src, "-o", out, "--model", model_file) == 2
         assert _seg(src, "-o", out, "--model", model_file, "--overwrite") == 0
+
+
+def test_flip_averaging_is_a_setting_a_finished_run_is_checked_against(tmp_path, model_file):
+    # tta changes the maps: a run without it is not "done" for a run with it. It is recorded
+    # only when on, so outputs written before the option existed still resume.
+    src, out = tmp_path / "s.tif", tmp_path / "o.zarr"
+    tifffile.imwrite(src, disk_stack(2, (64, 64), seed=4))
+    assert _seg(src, "-o", out, "--model", model_file) == 0
+    again = drain(segment_batch([Job(src, out)], model_path=model_file,
+                                inference=InferenceConfig(tta=False)))
+    assert (again.planes_computed, again.planes_skipped) == (0, 2)
+    with pytest.raises(FileExistsError, match="tiling settings"):
+        drain(segment_batch([Job(src, out)], model_path=model_file,
+                            inference=InferenceConfig(tta=True)))
+    assert _seg(src, "-o", tmp_path / "t.zarr", "--model", model_file, "--tta") == 0
+    again = drain(segment_batch([Job(src, tmp_path / "t.zarr")], model_path=model_file,
+                                inference=InferenceConfig(tta=True)))
+    assert (again.planes_computed, again.planes_skipped) == (0, 2)
 
 
 def test_output_not_written_by_napari_unet_is_never_done(tmp_path, model_file, capsys):

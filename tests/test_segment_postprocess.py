@@ -5,7 +5,7 @@ import torch
 import zarr
 
 from _synthetic import touching_disks
-from napari_unet.model import ModelFileError, activate
+from napari_unet.model import ModelConfig, ModelFileError, UNet, activate
 from napari_unet.normalize import normalize
 from napari_unet.postprocess import PostprocessConfig, instances_from_probs, labels_from_probs
 from napari_unet.segment import (
@@ -336,3 +336,20 @@ def test_staged_upload_reuses_its_buffer(model, monkeypatch):
         np.testing.assert_array_equal(got, plane.astype(np.float32))
         sizes.append(predictor._pinned.numel())
     assert sizes[1] == sizes[0] and sizes[2] > sizes[0]  # reused, then grown
+
+
+def test_flip_averaging_is_the_mean_of_four_mirrored_passes_and_mirror_equivariant():
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(depth=2, base_channels=4))
+    x = torch.rand(2, 1, 32, 32)
+    plain = Predictor(model, InferenceConfig(device="cpu", precision="fp32"))
+    tta = Predictor(model, InferenceConfig(device="cpu", precision="fp32", tta=True))
+    manual = sum(plain(x.flip(d)).flip(d) for d in ((), (-1,), (-2,), (-2, -1))) / 4
+    torch.testing.assert_close(tta(x), manual)
+    for dims in ((-1,), (-2,), (-2, -1)):
+        torch.testing.assert_close(tta(x.flip(dims)), tta(x).flip(dims), atol=1e-5, rtol=1e-5)
+    # An untrained net is not mirror-symmetric: the averaging is what makes it so.
+    assert not torch.allclose(plain(x.flip(-1)), plain(x).flip(-1), atol=1e-3)
+    # Probabilities stay probabilities; channels select after averaging.
+    torch.testing.assert_close(tta(x).sum(1), torch.ones(2, 32, 32))
+    torch.testing.assert_close(tta(x, channels=[1]), tta(x)[:, [1]])

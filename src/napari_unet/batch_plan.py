@@ -205,7 +205,10 @@ def run_fingerprint(input_fp: dict[str, Any], channel_axis: int | None, model: M
     return {
         "input": input_fp, "channel_axis": channel_axis, "model": model.digest,
         "plane_stride": stride,
-        "inference": {k: inf[k] for k in ("tile", "overlap", "margin", "blend", "precision")},
+        # Flip averaging changes the maps; recorded only when on, so runs made before the
+        # option existed still resume.
+        "inference": {k: inf[k] for k in ("tile", "overlap", "margin", "blend", "precision")}
+        | ({"tta": True} if inf.get("tta") else {}),
         "postprocess": {k: v for k, v in asdict(post).items() if k != "post_device"},
     }
 

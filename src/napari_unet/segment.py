@@ -57,6 +57,9 @@ class InferenceConfig:
     precision: str = param("auto", choices=("auto", "fp32", "bf16", "fp16"),
                            help="compute precision (auto: bf16/fp16 where the device is fast "
                            "at it)", advanced=True)
+    tta: bool = param(False, label="flip averaging", advanced=True,
+                      help="test-time augmentation: average each tile's maps over it and its "
+                      "3 mirror images (4x slower; fewer splits and false objects)")
 
     def __post_init__(self) -> None:
         check(self)
@@ -170,6 +173,10 @@ def normalize_tensor(values: torch.Tensor, percentiles: Sequence[float]) -> torc
 _STAGE_ON_CPU = False
 
 
+# Flip-averaging (``InferenceConfig.tta``): the tile itself and its three mirror images.
+_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
 class Predictor:
     """A model on its device in the fastest safe layout/precision; maps planes to probabilities."""
 
@@ -207,10 +214,18 @@ class Predictor:
         """(B, C, h, w) normalised tiles -> (B, K, h, w) maps (:func:`model.activate`),
         only ``channels`` of them if given."""
         batch = batch.to(self.device, memory_format=torch.channels_last)
+        if not self.config.tta:
+            maps = self._maps(batch)
+        else:
+            # Probabilities, not logits, are averaged: each mirror image votes with its maps.
+            maps = sum(self._maps(batch.flip(dims)).flip(dims) for dims in _TTA_FLIPS)
+            maps = maps / len(_TTA_FLIPS)
+        return maps if channels is None else maps[:, list(channels)]
+
+    def _maps(self, batch: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.amp):
             logits = self.net(batch)
-        maps = activate(self.model_config, logits)
-        return maps if channels is None else maps[:, list(channels)]
+        return activate(self.model_config, logits)
 
     def upload(self, plane: np.ndarray) -> torch.Tensor:
         """One plane on the device as float32 (raw intensities, not normalised).
