@@ -445,6 +445,13 @@ def test_segment_2d_instances_replace_own_layer_only(viewer, notes, qtbot, train
     assert len(viewer.layers) == n_layers and c.owned_layer(viewer, "labels", "img") is out
     assert set(np.unique(out.data)) <= {0, 1, 2}
     assert np.all(user.data == 7)
+    # Flip averaging: off by default, one checkbox in the advanced form, same separation.
+    assert w.settings.get("tta") is False
+    w.settings.set(mode="instances", tta=True)
+    w.run()
+    _wait_done(qtbot, w)
+    assert c.owned_layer(viewer, "labels", "img") is out
+    assert _separated(out.data, truth) == truth.max()
 
 
 def test_segment_stack_whole_and_current_slice(viewer, notes, qtbot, trained_model):
