@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "recipes, e.g. --set val_share=0 keep_prior=1")
     p.add_argument("--model", default=None,
                    help="starting model file (default: the bundled model)")
+    p.add_argument("--tta", action="store_true",
+                   help="segment the evaluation images with flip averaging (every method)")
     p.add_argument("--clock", choices=("wall", "cpu"), default=None,
                    help="what the budgets count: wall-clock s, or process CPU s / torch "
                    "threads (robust to other jobs on the machine; default with --goal)")
@@ -147,10 +149,11 @@ def split(name: str, n_eval: int, crop: int, provenance: dict) -> dict[str, Any]
 # ---- methods -------------------------------------------------------------------------------
 
 
-def evaluate_model(model: UNet, evals: list[Sample], device: str) -> dict[str, float]:
+def evaluate_model(model: UNet, evals: list[Sample], device: str, tta: bool = False
+                   ) -> dict[str, float]:
     """Mean AP@0.5 and pixel IoU of a U-Net (default inference + post-processing)."""
     t = time.perf_counter()
-    predictor = Predictor(model, InferenceConfig(device=device))
+    predictor = Predictor(model, InferenceConfig(device=device, tta=tta))
     preds = [(s.name, drain(segment_image(s.image, predictor)), s.labels) for s in evals]
     _, mean = evaluate_many(preds)
     return {"ap": mean["ap"], "pixel_iou": mean["pixel_iou"],
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "eval_images": [s.name for s in evals],
                            "eval_shapes": [list(s.labels.shape) for s in evals],
                            "note": sp["note"], "held_out_from_pretraining": sp["held_out"]})
-            evaluate = partial(evaluate_model, evals=evals, device=args.device)
+            evaluate = partial(evaluate_model, evals=evals, device=args.device, tta=args.tta)
             pre = evaluate(bundled)
             pre_rows.append({"dataset": name} | pre)
             print(f"  {name}: train {train.name}, eval {len(evals)} images; pretrained AP "
