@@ -151,3 +151,12 @@ def test_fine_tuned_model_keeps_its_base_models_data_and_licences():
     assert "dsb2018_train" in trained_on and "fine-tuned" in note
     scratch = ModelConfig(provenance={"base_model": "scratch"})
     assert bio._training_data(scratch) == ({}, "trained on the user's own annotations")
+
+
+def test_calibrated_thresholds_travel_in_the_package(tmp_path):
+    model = load_model()
+    model.config.postprocess = {"foreground_threshold": 0.7, "seed_threshold": 0.3}
+    package = bio.export_model(model, tmp_path / "calibrated.zip", torchscript=False)
+    assert bio.validate_package(package).status == "valid-format"
+    assert load_model(package).config.postprocess == model.config.postprocess
+    assert bio.napari_unet_config(package).postprocess == model.config.postprocess

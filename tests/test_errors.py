@@ -422,6 +422,10 @@ def _model_file(path, bundled, config=None, state=None, raw=None):
     ({"norm_percentiles": [99, 1]}, "norm_percentiles"),
     ({"classes": None}, "classes = None"),
     ({"distance": "yes"}, "distance = 'yes'"),
+    ({"postprocess": [0.5]}, "postprocess must be a JSON object"),
+    ({"postprocess": {"min_size": 3}}, "postprocess.min_size is not a setting a model may"),
+    ({"postprocess": {"seed_threshold": "0.4"}}, "postprocess.seed_threshold = '0.4' must be"),
+    ({"postprocess": {"foreground_threshold": 2}}, "foreground_threshold = 2 is not allowed"),
     ({"depth": 8, "base_channels": 512}, "M parameters"),
     ({"depth": 3}, "do not match the architecture"),
 ])

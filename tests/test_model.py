@@ -35,7 +35,7 @@ def test_save_load_roundtrip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(net(x), again(x))
     assert again.config.provenance == {"who": "test"}
-    assert again.config.depth == 3
+    assert again.config.depth == 3 and again.config.postprocess == {}
     with pytest.raises(FileExistsError, match="overwrite"):
         save_model(net, path)
     save_model(net, path, overwrite=True)
@@ -106,3 +106,52 @@ def test_every_container_refuses_non_finite_weights_and_other_architectures(tmp_
     with pytest.raises(ModelFileError, match="do not match"):
         check_architecture(ModelConfig(depth=3, base_channels=4), shapes, tmp_path / "pkg.zip")
     check_architecture(config, shapes, tmp_path / "pkg.zip")
+
+
+def test_recommended_thresholds_travel_with_the_model(tmp_path):
+    """A calibrated model file brings its thresholds: Python API defaults, explicit wins."""
+    from _synthetic import touching_disks
+    from napari_unet.postprocess import PostprocessConfig, recommended
+    from napari_unet.segment import InferenceConfig, Predictor, segment_image
+    from napari_unet.tiling import drain
+
+    net = load_model()
+    net.config.postprocess = {"foreground_threshold": 0.95, "seed_threshold": 0.8}
+    again = load_model(save_model(net, tmp_path / "m.safetensors"))
+    assert again.config.postprocess == {"foreground_threshold": 0.95, "seed_threshold": 0.8}
+    post = recommended(again.config.postprocess, seed_threshold=0.3)
+    assert (post.foreground_threshold, post.seed_threshold, post.min_size) == (
+        0.95, 0.3, PostprocessConfig().min_size)
+    image, _ = touching_disks((128, 128))
+    predictor = Predictor(again, InferenceConfig(device="cpu"))
+    by_default = drain(segment_image(image, predictor))
+    explicit = drain(segment_image(image, predictor, postprocess=recommended(
+        again.config.postprocess)))
+    plain = drain(segment_image(image, predictor, postprocess=PostprocessConfig()))
+    np.testing.assert_array_equal(by_default, explicit)
+    assert 0 < np.count_nonzero(by_default) < np.count_nonzero(plain)  # tighter objects
+
+
+def test_cli_segment_takes_the_model_thresholds_unless_given(tmp_path):
+    import tifffile
+
+    from _synthetic import touching_disks
+    from napari_unet.cli import main
+
+    net = load_model()
+    net.config.postprocess = {"foreground_threshold": 0.95}
+    model = save_model(net, tmp_path / "m.safetensors")
+    image, _ = touching_disks((128, 128))
+    tifffile.imwrite(tmp_path / "img.tif", image)
+
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main(["segment", str(tmp_path / "img.tif"), "-o", str(out), "--model",
+                     str(model), "--device", "cpu", *extra]) == 0
+        return tifffile.imread(out)
+
+    calibrated, given = run("a.tif"), run("b.tif", "--foreground-threshold", "0.5")
+    assert 0 < np.count_nonzero(calibrated) < np.count_nonzero(given)
+    assert main(["segment", str(tmp_path / "img.tif"), "-o", str(tmp_path / "c.tif"),
+                 "--device", "cpu", "--foreground-threshold", "0.5"]) == 0
+    np.testing.assert_array_equal(given, tifffile.imread(tmp_path / "c.tif"))  # = bundled

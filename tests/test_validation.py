@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from _synthetic import sparse_annotation, touching_disks
 from napari_unet.augment import AugmentConfig
@@ -10,6 +11,7 @@ from napari_unet.model import ModelConfig, UNet
 from napari_unet.targets import FIRST_CELL
 from napari_unet.train import Trainer, TrainingPair, train_config
 from napari_unet.validation import (
+    MIN_CALIBRATION_CELLS,
     ValidationScore,
     Validator,
     _objects_on,
@@ -236,3 +238,55 @@ def test_deleted_objects_are_held_out_too_and_count_as_false_positives():
     y, x = next((y, x) for y, x in spots if mask[y, x])
     pred[y - 4 : y + 4, x - 4 : x + 4] = 1
     assert _objects_on(pred, mask).max() == 1
+
+
+def _bloated_maps(labels: np.ndarray) -> np.ndarray:
+    """Class maps whose P(cell) falls off slowly outside each cell: at the default
+    threshold 0.5 every object comes out ~2 px too wide, at 0.7 about right."""
+    outside = ndi.distance_transform_edt(labels == 0)
+    fg = np.clip(0.75 - 0.1 * outside, 0.05, 0.95)
+    inside = ndi.distance_transform_edt(labels > 0)
+    interior = fg * np.clip(inside / 4, 0.1, 0.9)
+    return np.stack([1 - fg, interior, fg - interior]).astype(np.float32)
+
+
+def test_calibration_finds_the_threshold_that_fits_the_held_out_cells(monkeypatch):
+    pair, _ = _pair(16)
+    _, held, _ = split_validation([pair], 0.5)
+    v = Validator.from_pairs([pair], held, (1.0, 99.8))
+    assert v.n_cells >= MIN_CALIBRATION_CELLS
+    maps = [_bloated_maps(c.gt) for c in v.crops]
+    monkeypatch.setattr(Validator, "maps", lambda self, model: maps)
+    model = _small_model()
+    cal = v.calibrate(model)
+    assert cal.changed and cal.settings["foreground_threshold"] == 0.7
+    assert cal.quality_after > cal.quality_before + 0.05 and cal.ap_after >= cal.ap_before
+    assert "foreground 0.7" in cal.sentence()
+    # Already calibrated: nothing better by the margin, the settings stay.
+    model.config.postprocess = cal.settings
+    again = v.calibrate(model)
+    assert not again.changed and again.settings == cal.settings
+    assert "kept" in again.sentence()
+
+
+def test_training_hands_back_a_calibrated_model_and_says_so(monkeypatch):
+    _scripted(monkeypatch, {0: 0.5, 5: 0.4, 10: 0.7, 15: 0.6, 20: 0.65})
+    pair, _ = _pair(16)
+    trainer = Trainer(_small_model(), [pair], _config(val_share=0.5))
+    monkeypatch.setattr(Validator, "maps",
+                        lambda self, model: [_bloated_maps(c.gt) for c in self.crops])
+    list(trainer.run())
+    assert trainer.calibration is not None and trainer.calibration.changed
+    assert trainer.selected.config.postprocess == {"foreground_threshold": 0.7,
+                                                   "seed_threshold": 0.4}
+    assert trainer.message.startswith("validation AP 0.50 → 0.70")
+    assert "; post-processing calibrated on them: foreground 0.7" in trainer.message
+    # Off, or the starting model kept: the thresholds are left alone.
+    _scripted(monkeypatch, {0: 0.5, 5: 0.4, 10: 0.7, 15: 0.6, 20: 0.65})
+    off = Trainer(_small_model(), [pair], _config(val_share=0.5, calibrate=False))
+    list(off.run())
+    assert off.calibration is None and off.selected.config.postprocess == {}
+    _scripted(monkeypatch, {0: 0.9, 5: 0.4, 10: 0.7, 15: 0.6, 20: 0.65})
+    kept = Trainer(_small_model(), [pair], _config(val_share=0.5))
+    list(kept.run())
+    assert kept.calibration is None and kept.selected.config.postprocess == {}

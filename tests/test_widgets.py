@@ -1136,6 +1136,24 @@ def test_train_hands_the_best_snapshot_not_the_last_to_segment(viewer, notes, qt
     assert sw.model_picker.label() == entry.label
     assert "validation AP 0.60 (start 0.50, step 5" in sw.model_info.text()
     assert w.loss_plot.series["validation AP"]["y"] == pytest.approx([0.5, 0.6, 0.5])
+def test_segment_shows_and_uses_the_models_calibrated_thresholds(viewer, notes):
+    """A fine-tuned model's thresholds (calibrated on held-out cells) fill the form when it
+    is chosen; the bundled model brings the defaults back."""
+    sw = _dock(viewer, SegmentWidget(viewer))
+    assert (sw.settings.get("foreground_threshold"), sw.settings.get("seed_threshold")) == (
+        0.5, 0.4)
+    model = _tiny()
+    model.config.postprocess = {"foreground_threshold": 0.7, "seed_threshold": 0.3}
+    _select_model(sw.model_picker, model, "calibrated")
+    assert (sw.settings.get("foreground_threshold"), sw.settings.get("seed_threshold")) == (
+        0.7, 0.3)
+    assert "calibrated thresholds: foreground 0.7, seed 0.3" in sw.model_info.text()
+    sw.model_picker.set_label(c.BUNDLED_LABEL)
+    assert (sw.settings.get("foreground_threshold"), sw.settings.get("seed_threshold")) == (
+        0.5, 0.4)
+    assert "calibrated" not in sw.model_info.text()
+
+
 # ---------------------------------------------------------------- corrections
 
 

@@ -49,7 +49,7 @@ from .batch_plan import (
     plan_jobs,
 )
 from .model import bundled_model_path, load_model
-from .postprocess import PostprocessConfig
+from .postprocess import PostprocessConfig, recommended
 from .segment import (
     InferenceConfig,
     PlaneSink,
@@ -327,7 +327,7 @@ def segment_batch(
     path = Path(model_path) if model_path is not None else bundled_model_path()
     model = load_model(path)
     inference = inference or InferenceConfig()
-    post = postprocess or PostprocessConfig()
+    post = postprocess or recommended(model.config.postprocess)
     ref = ModelRef(str(path.resolve()), file_digest(path), json.dumps(asdict(inference)))
     if stitch is not None:
         # Bad stitch settings should fail now, not after hours of segmentation.

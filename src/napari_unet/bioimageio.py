@@ -218,9 +218,11 @@ class NapariUNet(UNet):
 
 
 def _arch_kwargs(config: ModelConfig) -> dict[str, Any]:
-    """The ModelConfig fields that shape the network (provenance stays in config)."""
+    """The ModelConfig fields that shape the network (provenance and the recommended
+    post-processing stay in config)."""
     raw = asdict(config)
     raw.pop("provenance", None)
+    raw.pop("postprocess", None)
     return json.loads(json.dumps(raw))  # tuples -> lists, YAML-safe
 
 

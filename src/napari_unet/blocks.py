@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .normalize import _MAX_SAMPLES, check_finite, normalize, percentile_range
-from .postprocess import PostprocessConfig, labels_from_probs
+from .postprocess import PostprocessConfig, labels_from_probs, recommended
 from .tiling import sliding_window_iter
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_HALO", "PLANE_BUDGET_PIXELS", "BlockProgress",
@@ -110,7 +110,7 @@ def segment_plane_blocks(
             bounded by a block even for the labels); default a new int32 numpy array.
         cancel: polled between tile batches; on cancel the blocks done so far are kept.
     """
-    post = postprocess or PostprocessConfig()
+    post = postprocess or recommended(predictor.model_config.postprocess)
     if block <= 0 or halo < 0:
         raise ValueError(f"block must be positive and halo at least 0, got {block}, {halo}")
     shape = tuple(int(s) for s in plane.shape)

@@ -43,8 +43,10 @@ from .batch import (
 )
 from .device import select_device
 from .model import (
+    ModelConfig,
     ModelFileError,
     UNet,
+    bundled_model_path,
     check_model_output,
     inspect_model_file,
     is_package_path,
@@ -54,7 +56,7 @@ from .model import (
 from .normalize import check_image_dtype, file_is_rgb, resolve_rgb
 from .outputs import check_output, check_writable_folder
 from .params import ConfigError, Spec
-from .postprocess import PostprocessConfig
+from .postprocess import PostprocessConfig, recommended
 from .segment import InferenceConfig
 from .stitch import METRICS
 from .tiling import drive
@@ -101,9 +103,12 @@ def _inference_config(args: argparse.Namespace) -> InferenceConfig:
     return params.from_args(InferenceConfig, args)
 
 
-def _postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
-    return params.from_args(PostprocessConfig, args,
-                            mode="semantic" if args.semantic else "instances")
+def _postprocess_config(args: argparse.Namespace, model: ModelConfig | None) -> PostprocessConfig:
+    """The options given, over the model's recommended thresholds, over the defaults."""
+    given = {name: getattr(args, name) for name in params.specs(PostprocessConfig)
+             if hasattr(args, name)}
+    return recommended(model.postprocess if model is not None else None, **given,
+                       mode="semantic" if args.semantic else "instances")
 
 
 def _run_with_bar(gen, total: float, desc: str, unit: str = "plane"):
@@ -182,10 +187,14 @@ def _segment_client(args: argparse.Namespace):
 
 def cmd_segment(args: argparse.Namespace) -> int:
     # Settings, outputs and inputs are checked before a cluster starts or a plane is read.
-    inference, postprocess = _inference_config(args), _postprocess_config(args)
     package = args.model is not None and is_package_path(args.model)
-    if args.model is not None and not package:
-        inspect_model_file(args.model)
+    if package:
+        from .bioimageio import napari_unet_config
+
+        model = napari_unet_config(args.model)  # None: another tool's package
+    else:
+        model = inspect_model_file(args.model or bundled_model_path())
+    inference, postprocess = _inference_config(args), _postprocess_config(args, model)
     _check_inputs(args)
     jobs = _segment_jobs(args)
     if args.measure is not None and args.measure.exists() and not args.overwrite:
@@ -362,6 +371,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "steps": trainer.step,
         "final_loss": trainer.losses[-1] if trainer.losses else None,
         "validation": [vars(s) for s in trainer.history] or None,
+        "calibration": vars(trainer.calibration) if trainer.calibration else None,
     }
     save_model(model, args.output, overwrite=True)
     print(f"saved {args.output} after {trainer.step} steps")
@@ -464,7 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name of the labels written into an OME-Zarr input")
     _add_inference_args(p)
     p.add_argument("--rgb", choices=["gray", "none"], default=None, help=_RGB_HELP)
-    params.add_arguments(p, PostprocessConfig, exclude=["mode"])
+    post = p.add_argument_group(
+        "post-processing", "thresholds not given here come from the model file where it "
+        "recommends some (fine-tuning calibrates them on your held-out cells), else from "
+        "the defaults below")
+    params.add_arguments(post, PostprocessConfig, exclude=["mode"], unset_default=True)
     p.add_argument("--semantic", action="store_true",
                    help="write classes (0 bg, 1 interior, 2 boundary) instead of instances")
     p.add_argument("--measure", type=Path, default=None, metavar="OUT.csv",

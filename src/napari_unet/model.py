@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .atomic import atomic_path
+from .postprocess import check_recommended
 
 FORMAT = "napari-unet/1"
 CLASSES = ("background", "interior", "boundary")
@@ -50,6 +51,10 @@ class ModelConfig:
     # watershed: its cores stay apart where touching cells meet. Files written before it
     # existed have no such key and load with False.
     distance: bool = False
+    # Post-processing thresholds this model works best with (``postprocess.CALIBRATED``),
+    # calibrated on the user's held-out cells after fine-tuning; Segment, the CLI and the
+    # Python API start from them. Empty: the PostprocessConfig defaults.
+    postprocess: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -226,6 +231,8 @@ def config_from_metadata(text: str, path: Path) -> ModelConfig:
     # Optional output of newer models (an extra distance channel); old files lack it.
     if "distance" in raw and type(raw["distance"]) is not bool:
         raise _schema_error(path, f"distance = {raw['distance']!r} must be true or false")
+    if "postprocess" in raw and (why := check_recommended(raw["postprocess"])) is not None:
+        raise _schema_error(path, why)
     known = {k: raw[k] for k in ModelConfig.__dataclass_fields__ if k in raw}
     for key in ("classes", "norm_percentiles"):
         if key in known:

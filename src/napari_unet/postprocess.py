@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -49,6 +51,34 @@ class PostprocessConfig:
 
     def __post_init__(self) -> None:
         check(self)
+
+
+# The settings a model file may recommend (``ModelConfig.postprocess``, written when
+# fine-tuning calibrates them on the held-out cells, see validation.calibrate): thresholds
+# only, which move object size and splitting, the errors a few held-out cells can measure.
+CALIBRATED = ("foreground_threshold", "seed_threshold", "distance_threshold")
+
+
+def recommended(settings: Mapping[str, Any] | None, **given: Any) -> PostprocessConfig:
+    """Post-processing for a model: its recommended ``settings`` (``ModelConfig.postprocess``)
+    over the defaults, and the settings ``given`` explicitly over both."""
+    return PostprocessConfig(**{**(settings or {}), **given})
+
+
+def check_recommended(settings: Any) -> str | None:
+    """Why ``settings`` is not a valid ``ModelConfig.postprocess`` (None when it is)."""
+    if not isinstance(settings, dict):
+        return f"postprocess must be a JSON object, got {type(settings).__name__}"
+    for key, value in settings.items():
+        if key not in CALIBRATED:
+            return f"postprocess.{key} is not a setting a model may recommend ({CALIBRATED})"
+        if type(value) not in (int, float):
+            return f"postprocess.{key} = {value!r} must be a number"
+    try:
+        recommended(settings)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 N_CLASSES = 3  # background, interior, boundary; a 4th channel is the distance map

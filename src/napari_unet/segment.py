@@ -29,7 +29,7 @@ from .device import auto_tiling, autocast, resolve_precision, select_device, to_
 from .model import ModelConfig, UNet, activate, check_channels, fuse_batchnorm
 from .normalize import _MAX_SAMPLES, check_finite, check_image_dtype, normalize, resolve_rgb
 from .params import ConfigError, check, check_multiple, param
-from .postprocess import DISTANCE, PostprocessConfig, labels_from_probs
+from .postprocess import DISTANCE, PostprocessConfig, labels_from_probs, recommended
 from .postprocess_torch import instances_from_maps, resolve_post_device
 from .targets import BG, INTERIOR
 from .tiling import check_tiling, drain, relay, sliding_window_iter
@@ -389,7 +389,7 @@ def segment_plane(
     Returns the (H, W) labels (ids 1..n for instances), or ``(labels, maps)`` with
     ``return_maps`` (all (K, H, W) float32 maps); None when ``cancel()`` turned true.
     """
-    post = postprocess or PostprocessConfig()
+    post = postprocess or recommended(predictor.model_config.postprocess)
     gen = infer_plane(plane, predictor, post, keep_maps=return_maps)
     while True:
         try:
@@ -538,7 +538,7 @@ def segment_image(
     check_image(shape, channel_axis)
     if channel_axis is not None:
         channel_axis %= len(shape)
-    post = postprocess or PostprocessConfig()
+    post = postprocess or recommended(predictor.model_config.postprocess)
     if out is None:
         out = np.zeros(output_shape(shape, channel_axis), np.int32)
     keys = list(planes) if planes is not None else list(plane_indices(shape, channel_axis))

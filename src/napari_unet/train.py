@@ -41,7 +41,14 @@ from .targets import (
     make_targets,
     painted_cells,
 )
-from .validation import ValidationScore, Validator, split_validation, summary
+from .validation import (
+    MIN_CALIBRATION_CELLS,
+    Calibration,
+    ValidationScore,
+    Validator,
+    split_validation,
+    summary,
+)
 
 
 @dataclass
@@ -114,6 +121,11 @@ class TrainConfig:
                              help="share of the painted cells held out to score the starting "
                              "model and the snapshots (0 = off; needs 'validate from' painted "
                              "cells)")
+    # Thresholds tuned on a few hundred validation images need not suit the user's cells
+    # (dense tissue: objects 15-30 % too large); the held-out cells say which do.
+    calibrate: bool = param(True, advanced=True, label="calibrate thresholds",
+                            help="after training, tune the post-processing thresholds on the "
+                            "held-out cells and store them in the model")
     validate_every: int = param(25, min=1, advanced=True,
                                 help="steps between validation scores")
     val_min_cells: int = param(5, min=5, max=10**6, advanced=True,
@@ -383,6 +395,7 @@ class Trainer:
             if config.average < 1.0 else None
         self._trained: UNet | None = None  # the snapshot unblended, for validation
         self.best_blended = False  # whether self.best is a blend with the starting weights
+        self.calibration: Calibration | None = None  # set by run() when it calibrates
         self.optimizer = torch.optim.AdamW(
             [p for p in self.net.parameters() if p.requires_grad], lr=config.lr,
             weight_decay=1e-5)
@@ -463,6 +476,18 @@ class Trainer:
                 if self.config.average == 0.5 else \
                 f" (a {self.config.average:g} share of it, blended with the starting weights)"
         return score
+
+    def _calibrate(self) -> None:
+        """Tune the returned snapshot's post-processing thresholds on the held-out cells.
+
+        Only a fine-tuned snapshot is calibrated: when the starting model is kept, it is
+        kept as it was."""
+        if (self.validator is None or not self.config.calibrate or self.best_score is None
+                or self.best_score.step == 0 or self.validator.n_cells < MIN_CALIBRATION_CELLS):
+            return
+        self.calibration = self.validator.calibrate(self.best)
+        self.best.config.postprocess = dict(self.calibration.settings)
+        self.message += "; " + self.calibration.sentence()
 
     def _save_after_failure(self) -> str:
         """Write the last good model where asked after a stop or failure; says where it is."""
@@ -573,6 +598,7 @@ class Trainer:
             self._snapshot()
             if self.validator is not None and self.history[-1].step != self.step:
                 self._validate()  # stopped between scores: the last weights get their say
+            self._calibrate()
         except FloatingPointError:
             raise  # already saved, and its message says where
         except (Exception, KeyboardInterrupt, GeneratorExit) as exc:

@@ -26,6 +26,7 @@ from scipy import ndimage as ndi
 
 from .evaluate import match_instances
 from .normalize import normalize
+from .postprocess import PostprocessConfig, labels_from_probs, recommended
 from .targets import BACKGROUND, FIRST_CELL, UNLABELED
 
 if TYPE_CHECKING:
@@ -41,6 +42,12 @@ MIN_VAL_CELLS = 2  # held out at the least
 MIN_TRAIN_CELLS = 3  # kept for training at the least
 RING = 6  # px of painted background around a held-out cell that go with it
 CONTEXT = 32  # px of image around held-out pixels fed to the model (its receptive field)
+# Thresholds tried when calibrating post-processing on the held-out cells, and the gain in
+# matched quality a new point needs over the model's current settings (a few cells are a
+# noisy measure: without a margin the thresholds would follow the noise).
+CALIBRATION_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
+CALIBRATION_MARGIN = 0.01
+MIN_CALIBRATION_CELLS = 4
 
 
 @dataclass
@@ -203,34 +210,127 @@ class Validator:
         return cls(crops, device)
 
     @torch.inference_mode()
-    def score(self, model: UNet, step: int) -> ValidationScore:
-        """Segment every crop with ``model`` (post-processing as in Segment) and score it."""
-        from .postprocess import PostprocessConfig, labels_from_probs
+    def maps(self, model: UNet) -> list[np.ndarray]:
+        """The model's (K, h, w) maps of every crop (inference as in Segment)."""
         from .segment import InferenceConfig, Predictor
 
-        t = time.perf_counter()
         predictor = Predictor(model, InferenceConfig(device=str(self.device)))
         div = model.config.divisor
-        post = PostprocessConfig()
-        tp = fp = fn = 0
-        inter = union = 0
+        out = []
         for crop in self.crops:
             _, h, w = crop.image.shape
             ph, pw = -h % div, -w % div
             x = np.pad(crop.image, ((0, 0), (0, ph), (0, pw)),
                        mode="reflect" if min(h, w) > max(ph, pw) else "symmetric")
             probs = predictor(torch.from_numpy(np.ascontiguousarray(x))[None])
-            probs = probs[0, :, :h, :w].float().cpu().numpy()
-            pred = labels_from_probs(probs, post)
-            pred = _objects_on(pred, crop.valid)
+            out.append(probs[0, :, :h, :w].float().cpu().numpy())
+        return out
+
+    def _tally(self, maps: list[np.ndarray], post: PostprocessConfig) -> _Tally:
+        t = _Tally()
+        for crop, probs in zip(self.crops, maps, strict=True):
+            pred = _objects_on(labels_from_probs(probs, post), crop.valid)
             m = match_instances(pred, crop.gt)
-            tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+            t.tp, t.fp, t.fn = t.tp + m["tp"], t.fp + m["fp"], t.fn + m["fn"]
+            t.matched_iou += m["mean_matched_iou"] * m["tp"]
             p, g = (pred > 0) & crop.valid, (crop.gt > 0) & crop.valid
-            inter += int(np.count_nonzero(p & g))
-            union += int(np.count_nonzero(p | g))
-        ap = tp / (tp + fp + fn) if tp + fp + fn else 1.0
-        iou = inter / union if union else 1.0
-        return ValidationScore(step, ap, iou, time.perf_counter() - t)
+            t.inter += int(np.count_nonzero(p & g))
+            t.union += int(np.count_nonzero(p | g))
+        return t
+
+    def score(self, model: UNet, step: int) -> ValidationScore:
+        """Segment every crop with ``model`` (post-processing as in Segment) and score it."""
+        t = time.perf_counter()
+        tally = self._tally(self.maps(model), recommended(model.config.postprocess))
+        return ValidationScore(step, tally.ap, tally.pixel_iou, time.perf_counter() - t)
+
+    def calibrate(self, model: UNet, margin: float = CALIBRATION_MARGIN) -> Calibration:
+        """The post-processing thresholds that segment the held-out cells best.
+
+        A grid over the foreground and seed thresholds (the distance threshold for a model
+        with a distance output), scored by matched quality (see :class:`Calibration`):
+        finer than AP, which a handful of cells saturates, and sensitive to object size.
+        The model's current settings are kept unless another point beats them by
+        ``margin`` without losing AP; among equals the point nearest to them wins.
+        """
+        t = time.perf_counter()
+        current = recommended(model.config.postprocess)
+        seed_key = "distance_threshold" if model.config.distance else "seed_threshold"
+        maps = self.maps(model)
+        base = self._tally(maps, current)
+        best, best_tally = {}, base
+        here = np.array([current.foreground_threshold, getattr(current, seed_key)])
+        for fg in CALIBRATION_GRID:
+            for sd in CALIBRATION_GRID:
+                point = {"foreground_threshold": fg, seed_key: sd}
+                tally = self._tally(maps, dataclasses.replace(current, **point))
+                if tally.ap < base.ap - 1e-9:
+                    continue
+                gain = tally.quality - best_tally.quality
+                nearer = np.abs(np.array([fg, sd]) - here).sum() < np.abs(
+                    np.array([best.get("foreground_threshold", here[0]),
+                              best.get(seed_key, here[1])]) - here).sum()
+                if gain > 1e-9 or (abs(gain) <= 1e-9 and nearer):
+                    best, best_tally = point, tally
+        if best_tally.quality < base.quality + margin:
+            best, best_tally = {}, base
+        settings = {**model.config.postprocess, **best}
+        return Calibration(settings, bool(best), base.quality, best_tally.quality, base.ap,
+                           best_tally.ap, self.n_cells, time.perf_counter() - t)
+
+
+@dataclass
+class _Tally:
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    matched_iou: float = 0.0  # sum over matched pairs
+    inter: int = 0
+    union: int = 0
+
+    @property
+    def ap(self) -> float:
+        n = self.tp + self.fp + self.fn
+        return self.tp / n if n else 1.0
+
+    @property
+    def quality(self) -> float:
+        n = self.tp + self.fp + self.fn
+        return self.matched_iou / n if n else 1.0
+
+    @property
+    def pixel_iou(self) -> float:
+        return self.inter / self.union if self.union else 1.0
+
+
+@dataclass
+class Calibration:
+    """What :meth:`Validator.calibrate` found.
+
+    Quality = (sum of the IoUs of matched pairs) / (tp + fp + fn): AP@0.5 with each match
+    counted by how well it fits, so a threshold that makes every cell 20 % too large
+    scores lower even when all still match.
+    """
+
+    settings: dict[str, float]  # the model's ``postprocess`` recommendation from now on
+    changed: bool  # whether calibration moved a threshold
+    quality_before: float
+    quality_after: float
+    ap_before: float
+    ap_after: float
+    n_cells: int
+    seconds: float
+
+    def sentence(self) -> str:
+        """How post-processing was calibrated, for the closing message."""
+        if not self.changed:
+            return (f"post-processing thresholds kept (no setting fit the {self.n_cells} "
+                    f"held-out cell(s) better by {CALIBRATION_MARGIN:g})")
+        moved = ", ".join(f"{k.replace('_threshold', '')} {v:g}"
+                          for k, v in self.settings.items())
+        return (f"post-processing calibrated on them: {moved} (matched quality "
+                f"{self.quality_before:.2f} → {self.quality_after:.2f}, AP "
+                f"{self.ap_before:.2f} → {self.ap_after:.2f})")
 
 
 def _objects_on(pred: np.ndarray, valid: np.ndarray) -> np.ndarray:

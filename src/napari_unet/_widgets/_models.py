@@ -43,19 +43,26 @@ class ModelEntry:
         return self.model
 
     def describe(self) -> str:
-        """One line for the user: what this model is and how it scored on held-out cells."""
+        """One line for the user: what this model is, how it scored on held-out cells and
+        which post-processing thresholds it brings."""
         info = self.info
         if info.get("kind") != "finetuned":
             if self.label == BUNDLED_LABEL:
-                return "bundled pretrained model (not validated on your images)"
-            return f"model file {self.path.name}" if self.path is not None else self.label
-        text = f"fine-tuned on {', '.join(info.get('images', [])) or '?'}"
-        score = info.get("validation")
-        if score is not None:
-            text += (f" · validation AP {score['ap']:.2f} (start {score['start_ap']:.2f}, "
-                     f"step {score['step']}, {score['cells']} held-out cell(s))")
+                text = "bundled pretrained model (not validated on your images)"
+            else:
+                text = f"model file {self.path.name}" if self.path is not None else self.label
         else:
-            text += " · not validated (fewer than 8 painted cells, or validation share 0)"
+            text = f"fine-tuned on {', '.join(info.get('images', [])) or '?'}"
+            score = info.get("validation")
+            if score is not None:
+                text += (f" · validation AP {score['ap']:.2f} (start {score['start_ap']:.2f}, "
+                         f"step {score['step']}, {score['cells']} held-out cell(s))")
+            else:
+                text += " · not validated (fewer than 5 painted cells, or validation share 0)"
+        calibrated = self.model.config.postprocess if self.model is not None else {}
+        if calibrated:
+            text += " · calibrated thresholds: " + ", ".join(
+                f"{k.replace('_threshold', '')} {v:g}" for k, v in calibrated.items())
         return text
 
 

@@ -34,7 +34,7 @@ from .. import io
 from ..device import select_device
 from ..model import ModelFileError, UNet
 from ..params import ConfigError
-from ..postprocess import PostprocessConfig
+from ..postprocess import CALIBRATED, PostprocessConfig
 from ..segment import (
     InferenceConfig,
     PlaneSink,
@@ -242,11 +242,13 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         self.scope_combo.currentIndexChanged.connect(self._update_scope)
         self.stitch_combo.currentIndexChanged.connect(self._update_anisotropy)
         self.model_picker.combo.currentTextChanged.connect(self._update_model_info)
+        self.model_picker.combo.currentTextChanged.connect(self._show_recommended)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.key_segment = _keys.bind(self, napari_viewer, _keys.SEGMENT[0], "_key_segment")
         self._on_image_changed()
         self._update_model_info()
+        self._show_recommended()
         _ui.fit_width(self)
 
     # ------------------------------------------------------------ compatibility names
@@ -285,6 +287,18 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
                      "choose 'bundled model' above)")
         self.model_info.setText(text)
         self.model_info.setStyleSheet("color: #e69138" if other is not None else "")
+
+    def _show_recommended(self, *_: Any) -> None:
+        """Put the chosen model's recommended thresholds (``ModelConfig.postprocess``,
+        calibrated when it was fine-tuned) in the form, or the defaults where it has none."""
+        entry = self.model_picker.entry()
+        try:
+            settings = entry.get().config.postprocess if entry is not None else {}
+        except (ModelFileError, FileNotFoundError, OSError):
+            settings = {}  # Segment will say what is wrong with the model
+        defaults = PostprocessConfig()
+        self.post_form.set(**{k: settings.get(k, getattr(defaults, k)) for k in CALIBRATED
+                              if k in self.post_form})
 
     def _update_scope(self, *_: Any, default_link: bool = False) -> None:
         image = self.image_combo.layer()
@@ -354,9 +368,12 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         shape = tuple(data.shape)
         try:
             config = self.inference_form.build()
-            post = self.post_form.build()
-            check_image(shape, axis, repr(image.name))
             model = self.model_picker.model()
+            # The form shows the model's recommended thresholds (_show_recommended); any it
+            # has no control for (the distance threshold) come from the model itself.
+            post = self.post_form.build(**{k: v for k, v in model.config.postprocess.items()
+                                           if k not in self.post_form})
+            check_image(shape, axis, repr(image.name))
             select_device(config.device)
         except ConfigError as exc:
             return self._fail(f"{exc}: change it under 'Advanced settings'")

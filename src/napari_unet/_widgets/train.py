@@ -549,6 +549,8 @@ class TrainWidget(_ui.TabbedDock, QWidget):
             model.config.provenance["kept_step"] = kept_step
         if validation is not None:
             model.config.provenance["validation"] = dict(validation)
+        if select and trainer is not None and trainer.calibration is not None:
+            model.config.provenance["calibration"] = vars(trainer.calibration)
         self.model = model
         kept = f", step {kept_step} kept" if kept_step is not None and kept_step != steps \
             else ""
