@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from shared_data import validation_sets
 
+from napari_unet.batch_plan import file_digest
 from napari_unet.evaluate import evaluate_many
 from napari_unet.model import load_model, save_model
 from napari_unet.postprocess import PostprocessConfig, labels_from_probs
@@ -44,7 +45,9 @@ def main() -> None:
     for path in args.models:
         model = load_model(path)
         predictor = Predictor(model, InferenceConfig(device="cpu", tta=args.tta))
-        tag = path.parent.name + ("-tta" if args.tta else "")
+        # Keyed by the file's content: a retrained model under the same name never reuses
+        # the maps of the one before it.
+        tag = f"{path.stem}-{file_digest(path)}" + ("-tta" if args.tta else "")
         maps = {}
         for name, samples in sets.items():
             for s in samples:
