@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overlap=args.overlap or pick(mode, smoke=32, normal=defaults.overlap),
         batch_size=args.batch_size or defaults.batch_size,
         device=args.device,
+        # The engine against MONAI on the same pixels: the plane of ~60-px nuclei would
+        # otherwise be shrunk first (rescale.py; bench_models.py measures that).
+        rescale=False,
     )
     model = load_model()
     predictor = Predictor(model, cfg)

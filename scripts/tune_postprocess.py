@@ -10,6 +10,7 @@ median area ratio per data set. Only validation sets are used (never training im
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from shared_data import validation_sets
 
+import napari_unet
 from napari_unet.batch_plan import file_digest
 from napari_unet.evaluate import evaluate_many
 from napari_unet.model import load_model, save_model
@@ -25,6 +27,10 @@ from napari_unet.postprocess import PostprocessConfig, labels_from_probs
 from napari_unet.segment import InferenceConfig, Predictor
 
 SETS = ("dsb2018_nuclei", "gowt1_nuclei", "isbi2012_em")
+CODE = hashlib.sha256(b"".join(
+    (Path(napari_unet.__file__).parent / f).read_bytes()
+    for f in ("segment.py", "rescale.py", "tiling.py", "normalize.py", "model.py"))
+).hexdigest()[:8]
 
 
 def main() -> None:
@@ -45,9 +51,9 @@ def main() -> None:
     for path in args.models:
         model = load_model(path)
         predictor = Predictor(model, InferenceConfig(device="cpu", tta=args.tta))
-        # Keyed by the file's content: a retrained model under the same name never reuses
-        # the maps of the one before it.
-        tag = f"{path.stem}-{file_digest(path)}" + ("-tta" if args.tta else "")
+        # Keyed by the file's content and the inference code: a retrained model under the
+        # same name, or a change to how planes are predicted, never reuses stale maps.
+        tag = f"{path.stem}-{file_digest(path)}-{CODE}" + ("-tta" if args.tta else "")
         maps = {}
         for name, samples in sets.items():
             for s in samples:

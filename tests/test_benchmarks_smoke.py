@@ -49,6 +49,18 @@ def test_bench_inference_smoke(tmp_path: Path) -> None:
     assert data["profile"]["categories"]
 
 
+def test_bench_models_smoke(tmp_path: Path) -> None:
+    from napari_unet.model import bundled_model_path, load_model, save_model
+
+    old = load_model()
+    old.config.object_diameter = None  # as before the object size existed
+    save_model(old, tmp_path / "old.safetensors")
+    data = _run("bench_models", tmp_path, str(tmp_path / "old.safetensors"),
+                str(bundled_model_path()))
+    assert len(data["rows"]) == 4 and {r["vs_first"] for r in data["rows"][::2]} == {1.0}
+    assert all(r["mp_s"] > 0 for r in data["rows"])
+
+
 def test_bench_memory_smoke(tmp_path: Path) -> None:
     data = _run("bench_memory", tmp_path)
     assert [r["planes"] for r in data["runs"]] == [1, 2, 4]

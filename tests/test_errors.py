@@ -423,6 +423,8 @@ def _model_file(path, bundled, config=None, state=None, raw=None):
     ({"classes": None}, "classes = None"),
     ({"distance": "yes"}, "distance = 'yes'"),
     ({"postprocess": [0.5]}, "postprocess must be a JSON object"),
+    ({"object_diameter": 0}, "object_diameter = 0 must be null or a number"),
+    ({"fit_diameter": "60"}, "fit_diameter = '60' must be null or a number"),
     ({"postprocess": {"min_size": 3}}, "postprocess.min_size is not a setting a model may"),
     ({"postprocess": {"seed_threshold": "0.4"}}, "postprocess.seed_threshold = '0.4' must be"),
     ({"postprocess": {"foreground_threshold": 2}}, "foreground_threshold = 2 is not allowed"),

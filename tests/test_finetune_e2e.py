@@ -53,6 +53,10 @@ def test_finetuning_on_few_cells_improves_ap(shared_data):
     ann = paint_sparse(train.labels, N_CELLS)
     assert len(np.unique(ann[ann >= 2])) <= 20
     bundled = load_model()
+    # At their native size NIH3T3 nuclei are ~3x wider than the bundled model's and come
+    # out split: the systematic error a few painted cells should fix. (With the plane shrunk
+    # to the model's object size, rescale.py, the bundled model no longer makes it.)
+    bundled.config.object_diameter = None
     trainer = Trainer(bundled, [TrainingPair(train.image, ann, name=train.name)],
                       # No hold-out: this measures the recipe on all 15 cells.
                       TrainConfig(steps=300, device="cpu", seed=0, val_share=0.0))

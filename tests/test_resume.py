@@ -116,6 +116,21 @@ def test_flip_averaging_is_a_setting_a_finished_run_is_checked_against(tmp_path,
     assert (again.planes_computed, again.planes_skipped) == (0, 2)
 
 
+def test_object_size_settings_are_checked_against_a_finished_run(tmp_path, model_file):
+    # Shrinking planes (rescale.py) changes the maps: turning it off or giving a diameter is
+    # a different run; the default (measured per plane) is not recorded, like tta.
+    src, out = tmp_path / "s.tif", tmp_path / "o.zarr"
+    tifffile.imwrite(src, disk_stack(2, (64, 64), seed=5))
+    assert _seg(src, "-o", out, "--model", model_file) == 0
+    for changed in (InferenceConfig(rescale=False), InferenceConfig(object_diameter=50.0)):
+        with pytest.raises(FileExistsError, match="tiling settings"):
+            drain(segment_batch([Job(src, out)], model_path=model_file, inference=changed))
+    assert _seg(src, "-o", tmp_path / "n.zarr", "--model", model_file, "--no-rescale") == 0
+    again = drain(segment_batch([Job(src, tmp_path / "n.zarr")], model_path=model_file,
+                                inference=InferenceConfig(rescale=False)))
+    assert (again.planes_computed, again.planes_skipped) == (0, 2)
+
+
 def test_output_not_written_by_napari_unet_is_never_done(tmp_path, model_file, capsys):
     # Row: "an unrelated, pre-existing -o out/x.tif is taken as '1 already done', exit 0".
     src = tmp_path / "s.tif"

@@ -1152,6 +1152,11 @@ def test_segment_shows_and_uses_the_models_calibrated_thresholds(viewer, notes):
     assert (sw.settings.get("foreground_threshold"), sw.settings.get("seed_threshold")) == (
         0.5, 0.4)
     assert "calibrated" not in sw.model_info.text()
+    # The object size (rescale.py) is an advanced setting: 0 = measured per plane.
+    assert sw.settings.get("rescale") is True
+    assert sw.inference_form.build().object_diameter is None
+    sw.settings.set(object_diameter=40.0)
+    assert sw.inference_form.build().object_diameter == 40.0
 
 
 # ---------------------------------------------------------------- corrections

@@ -208,7 +208,10 @@ def run_fingerprint(input_fp: dict[str, Any], channel_axis: int | None, model: M
         # Flip averaging changes the maps; recorded only when on, so runs made before the
         # option existed still resume.
         "inference": {k: inf[k] for k in ("tile", "overlap", "margin", "blend", "precision")}
-        | ({"tta": True} if inf.get("tta") else {}),
+        | ({"tta": True} if inf.get("tta") else {})
+        # Likewise the object size: only what differs from measuring it per plane.
+        | ({"rescale": False} if inf.get("rescale") is False else {})
+        | ({"object_diameter": d} if (d := inf.get("object_diameter")) else {}),
         "postprocess": {k: v for k, v in asdict(post).items() if k != "post_device"},
     }
 

@@ -55,6 +55,13 @@ class ModelConfig:
     # calibrated on the user's held-out cells after fine-tuning; Segment, the CLI and the
     # Python API start from them. Empty: the PostprocessConfig defaults.
     postprocess: dict[str, float] = field(default_factory=dict)
+    # Objects wider than this (pixels) are segmented in a plane shrunk until they are this
+    # wide (rescale.py): the size range the model learnt. None: planes are never resized.
+    object_diameter: float | None = None
+    # A fine-tuned model: the object diameter measured in the images it was fine-tuned on
+    # (which were resized by it). Segment resizes every plane by it rather than measuring
+    # each one. None: each plane is measured.
+    fit_diameter: float | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -231,6 +238,11 @@ def config_from_metadata(text: str, path: Path) -> ModelConfig:
     # Optional output of newer models (an extra distance channel); old files lack it.
     if "distance" in raw and type(raw["distance"]) is not bool:
         raise _schema_error(path, f"distance = {raw['distance']!r} must be true or false")
+    for key in ("object_diameter", "fit_diameter"):
+        d = raw.get(key)
+        if d is not None and not (type(d) in (int, float) and 0 < d <= 100_000):
+            raise _schema_error(path, f"{key} = {d!r} must be null or a number of pixels in "
+                                "(0, 100000]")
     if "postprocess" in raw and (why := check_recommended(raw["postprocess"])) is not None:
         raise _schema_error(path, why)
     known = {k: raw[k] for k in ModelConfig.__dataclass_fields__ if k in raw}

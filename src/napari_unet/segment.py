@@ -13,6 +13,7 @@ at the same time (see there); :func:`offset_ids` keeps instance ids unique acros
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import deque
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import blocks
+from . import blocks, rescale
 from .device import auto_tiling, autocast, resolve_precision, select_device, to_device
 from .model import ModelConfig, UNet, activate, check_channels, fuse_batchnorm
 from .normalize import _MAX_SAMPLES, check_finite, check_image_dtype, normalize, resolve_rgb
@@ -60,6 +61,15 @@ class InferenceConfig:
     tta: bool = param(False, label="flip averaging", advanced=True,
                       help="test-time augmentation: average each tile's maps over it and its "
                       "3 mirror images (4x slower; fewer splits and false objects)")
+
+    rescale: bool = param(True, label="shrink large objects", advanced=True,
+                          help="segment planes whose objects are wider than the model's "
+                          "object size shrunk to that size (measured per plane by a quick "
+                          "pass at half size, or from 'object diameter')")
+    object_diameter: float | None = param(None, optional=True, kind=float, min=0,
+                                          min_exclusive=True, advanced=True,
+                                          help="typical diameter of your objects in pixels "
+                                          "(default: measured per plane)")
 
     def __post_init__(self) -> None:
         check(self)
@@ -207,6 +217,7 @@ class Predictor:
         # Set when the device lacked an operation of device post-processing (auto then
         # post-processes on the host from there on).
         self.post_device_failed = False
+        self._ruler: Predictor | None = None  # see ruler()
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor, channels: Sequence[int] | None = None
@@ -280,15 +291,13 @@ class Predictor:
         if plane.ndim == 2:
             plane = plane[None]
         check_channels(self.model_config.in_channels, plane.shape[0])
-        c = self.config
         x = self.normalized(plane)
         wanted = list(range(self.model_config.n_classes)) if argmax else \
             None if channels is None else list(channels)
-        maps = yield from sliding_window_iter(
-            x, lambda b: self(b, wanted), tile=self.tile, overlap=c.overlap,
-            margin=c.margin, batch_size=self.batch_size, blend=c.blend,
-            divisor=self.model_config.divisor, device=self.device,
-        )
+        scale = yield from self._measure(x)
+        small = rescale.resize(x, rescale.scaled_size(x.shape, scale))
+        maps = yield from self._window(small, wanted)
+        maps = rescale.resize(maps, tuple(x.shape[-2:]))
         # Reduce/convert on the device, then copy back only that.
         if argmax:
             return maps.argmax(0).to(torch.uint8).cpu().numpy()
@@ -298,6 +307,70 @@ class Predictor:
             return {ch: m.to(dt).cpu().numpy()
                     for (ch, dt), m in zip(channels.items(), maps, strict=True)}
         return maps.cpu().numpy()
+
+    def _window(self, x: torch.Tensor, wanted: list[int] | None
+                ) -> Generator[tuple[int, int], None, torch.Tensor]:
+        c = self.config
+        return (yield from sliding_window_iter(
+            x, lambda b: self(b, wanted), tile=self.tile, overlap=c.overlap,
+            margin=c.margin, batch_size=self.batch_size, blend=c.blend,
+            divisor=self.model_config.divisor, device=self.device,
+        ))
+
+    def _measure(self, x: torch.Tensor) -> Generator[tuple[int, int], None, float]:
+        """The scale a normalised (C, H, W) plane is predicted at (``rescale``): from the
+        diameter given, else the model's fit diameter, else measured in the plane."""
+        diameter = self.model_config.object_diameter
+        shape = tuple(x.shape)
+        if not self.config.rescale or not diameter:
+            return 1.0
+        given = self.config.object_diameter or self.model_config.fit_diameter
+        if given is not None:
+            return rescale.scale_for(given, diameter, shape)
+        if min(shape[-2:]) * rescale.PROBE_SCALE < rescale.MIN_SIDE:
+            return 1.0
+        here = yield from self._measure_diameter(x)
+        return rescale.scale_for(here, diameter, shape)
+
+    def _measure_diameter(self, x: torch.Tensor
+                          ) -> Generator[tuple[int, int], None, float | None]:
+        """Median object diameter in a normalised plane: the ruler's segmentation of its
+        central window at half size (:mod:`rescale`)."""
+        where = rescale.probe_window(tuple(x.shape))
+        window = x[(..., *where)]
+        probe = rescale.resize(window, rescale.scaled_size(window.shape, rescale.PROBE_SCALE))
+        ruler = self.ruler()
+        maps = yield from ruler._window(probe, None)
+        labels = labels_from_probs(maps.float().cpu().numpy(),
+                                   recommended(ruler.model_config.postprocess))
+        found = rescale.median_diameter(labels, cut=tuple(window.shape) != tuple(x.shape))
+        return None if found is None else found / rescale.PROBE_SCALE
+
+    def ruler(self) -> Predictor:
+        """The model that measures object sizes: the bundled model, one ruler for every
+        model file (and for the images a model is fine-tuned on); this model itself where
+        the bundled one cannot read its channels."""
+        if self._ruler is None:
+            from .model import load_model
+
+            bundled = load_model()
+            same = bundled.config.in_channels == self.model_config.in_channels
+            self._ruler = Predictor(bundled, dataclasses.replace(
+                self.config, rescale=False, tta=False)) if same else self
+        return self._ruler
+
+    def measure_diameter(self, plane: np.ndarray) -> float | None:
+        """The median object diameter (pixels) the measuring pass finds in this plane."""
+        plane = np.asarray(plane)
+        return drain(self._measure_diameter(self.normalized(
+            plane[None] if plane.ndim == 2 else plane)))
+
+    def measure_scale(self, plane: np.ndarray) -> float:
+        """The scale :meth:`predict_iter` resizes this (H, W) or (C, H, W) plane by (1: none;
+        see :mod:`rescale`)."""
+        plane = np.asarray(plane)
+        x = self.normalized(plane[None] if plane.ndim == 2 else plane)
+        return drain(self._measure(x))
 
     def predict(self, plane: np.ndarray) -> np.ndarray:
         """(K, H, W) float32 class probabilities (and any extra maps) for one plane."""

@@ -32,6 +32,7 @@ from .losses import (
 from .model import UNet, check_channels, save_model
 from .normalize import check_image_dtype, normalize, resolve_rgb
 from .params import check, check_multiple, param
+from .rescale import rescale_pair, scale_for
 from .targets import (
     FIRST_CELL,
     IGNORE_INDEX,
@@ -66,6 +67,7 @@ class TrainingPair:
     # when any pair has one, they replace the automatic hold-out (TrainConfig.val_share).
     validation: np.ndarray | None = None
     sample_weight: float = 1.0  # relative share of training patches (e.g. per data set)
+    scale: float = 1.0  # the factor the plane was resized by (at_model_size); 1: as painted
 
 
 @dataclass
@@ -364,10 +366,16 @@ class Trainer:
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         margin = config.augment.margin
+        # Training sees the objects at the size inference will (rescale.py).
+        pairs, self.fit_diameter = at_model_size(model, pairs, config.device)
         # Validation pixels leave the training annotation before targets are built.
         train_pairs, held, self.validation_note = split_validation(pairs, config.val_share,
                                                                    config.seed,
                                                                    config.val_min_cells)
+        if shrunk := [f"{p.name} to {p.scale:.2f}" for p in pairs if p.scale != 1.0]:
+            self.validation_note += (f"; objects wider than the model's "
+                                     f"{model.config.object_diameter:g} px: trains on "
+                                     f"{', '.join(shrunk)} of the size")
         data = prepare_pairs(train_pairs, model.config.in_channels, config.tile + 2 * margin,
                              margin, model.config.norm_percentiles, config.w0, config.sigma,
                              distance=model.config.distance,
@@ -375,9 +383,11 @@ class Trainer:
         self.sampler = PatchSampler(data, config.tile + 2 * margin, self.rng,
                                     config.image_balance)
         self.net = to_device(copy.deepcopy(model), self.device)
+        # Snapshots keep the measure their images were resized by (rescale.py).
+        self.net.config.fit_diameter = self.fit_diameter
         self.prior = to_device(copy.deepcopy(model), self.device).eval() \
             if config.keep_prior > 0 else None
-        self.model: UNet = copy.deepcopy(model).cpu().eval()  # last good weights
+        self.model: UNet = copy.deepcopy(self.net).cpu().eval()  # last good weights
         self.step = 0
         self.good_step = 0  # the step self.model holds
         self.losses: list[float] = []
@@ -469,6 +479,7 @@ class Trainer:
             self.best_score = score
             if self.step > 0:
                 self.best.load_state_dict(candidate.state_dict())
+                self.best.config.fit_diameter = self.fit_diameter
                 self.best_blended = candidate is self.model and self.start_state is not None
         self.message = summary(self.history, self.best_score, self.validator.n_cells)
         if self.best_blended and self.best_score.step > 0:
@@ -609,6 +620,31 @@ class Trainer:
             raise
         self._checkpoint()
         return self.selected
+
+def at_model_size(model: UNet, pairs: Sequence[TrainingPair], device: str = "cpu"
+                  ) -> tuple[list[TrainingPair], float | None]:
+    """The pairs resized for ``model`` (``scale`` set), all by the median object diameter
+    measured in them, which is returned (None: the model does not resize)."""
+    if not model.config.object_diameter:
+        return list(pairs), None
+    from .segment import InferenceConfig, Predictor
+
+    predictor = Predictor(model, InferenceConfig(device=device))
+    fit = model.config.fit_diameter  # fine-tuning a fine-tuned model: its measure stays
+    if fit is None:
+        measured = []
+        for p in pairs:
+            image = _as_chw(p.image, p.name)
+            check_channels(model.config.in_channels, image.shape[0], p.name)
+            measured.append(predictor.measure_diameter(image))
+        known = [d for d in measured if d is not None]
+        fit = float(np.median(known)) if known else None
+    out = []
+    for p in pairs:
+        scale = scale_for(fit, model.config.object_diameter, _as_chw(p.image, p.name).shape)
+        out.append(dataclasses.replace(rescale_pair(p, scale), scale=scale))
+    return out, fit
+
 
 def train(
     model: UNet,

@@ -170,7 +170,7 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         # Advanced: forms generated from the engine's configuration dataclasses.
         self.inference_form = ConfigForm(
             InferenceConfig, [], ["tile", "overlap", "batch_size", "device", "precision",
-                                  "blend", "margin", "tta"],
+                                  "blend", "margin", "tta", "rescale", "object_diameter"],
             overrides={"device": {"widget_type": "ComboBox", "choices": list(DEVICES)}})
         self.post_form = ConfigForm(PostprocessConfig, [],
                                     ["mode", "min_size", "foreground_threshold",
