@@ -13,7 +13,6 @@ at the same time (see there); :func:`offset_ids` keeps instance ids unique acros
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections import deque
@@ -355,8 +354,10 @@ class Predictor:
 
             bundled = load_model()
             same = bundled.config.in_channels == self.model_config.in_channels
-            self._ruler = Predictor(bundled, dataclasses.replace(
-                self.config, rescale=False, tta=False)) if same else self
+            # Its own tiling (the caller's tile may not suit its depth), this device.
+            self._ruler = Predictor(bundled, InferenceConfig(
+                device=self.config.device, precision=self.config.precision,
+                rescale=False)) if same else self
         return self._ruler
 
     def measure_diameter(self, plane: np.ndarray) -> float | None:
