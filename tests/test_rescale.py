@@ -105,6 +105,7 @@ def test_rescaled_pairs_keep_the_annotation_convention():
     _, labels = _disks(20, shape=(200, 160))
     ann = np.where(labels > 0, labels + 1, 1).astype(np.int32)
     ann[:20] = 0
+    ann[10, :] = 1  # a 1-px background stroke on a row nearest neighbour never samples
     complete = np.zeros(labels.shape, bool)
     complete[100:] = True
     pair = TrainingPair(labels.astype(np.float32), ann, complete=complete, name="p")
@@ -112,6 +113,7 @@ def test_rescaled_pairs_keep_the_annotation_convention():
     assert half.image.shape == half.annotation.shape == half.complete.shape == (100, 80)
     assert set(np.unique(half.annotation)) <= set(np.unique(ann))
     assert half.complete.dtype == bool and half.complete[60:].all() and not half.complete[:40].any()
+    assert (half.annotation[5] == 1).all()  # nearest neighbour alone would drop it
     assert rescale.rescale_pair(pair, 1.0) is pair
 
 

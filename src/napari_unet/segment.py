@@ -26,7 +26,7 @@ import torch
 
 from . import blocks, rescale
 from .device import auto_tiling, autocast, resolve_precision, select_device, to_device
-from .model import ModelConfig, UNet, activate, check_channels, fuse_batchnorm
+from .model import ModelConfig, UNet, activate, check_channels, fuse_batchnorm, load_model
 from .normalize import _MAX_SAMPLES, check_finite, check_image_dtype, normalize, resolve_rgb
 from .params import ConfigError, check, check_multiple, param
 from .postprocess import DISTANCE, PostprocessConfig, labels_from_probs, recommended
@@ -63,12 +63,14 @@ class InferenceConfig:
 
     rescale: bool = param(True, label="shrink large objects", advanced=True,
                           help="segment planes whose objects are wider than the model's "
-                          "object size shrunk to that size (measured per plane by a quick "
-                          "pass at half size, or from 'object diameter')")
+                          "object size shrunk to that size (objects measured per plane by a "
+                          "quick pass at half size; a fine-tuned model keeps the size "
+                          "measured in its training images; or from 'object diameter')")
     object_diameter: float | None = param(None, optional=True, kind=float, min=0,
                                           min_exclusive=True, advanced=True,
                                           help="typical diameter of your objects in pixels "
-                                          "(default: measured per plane)")
+                                          "(default: measured per plane, or the "
+                                          "fine-tuned model's)")
 
     def __post_init__(self) -> None:
         check(self)
@@ -350,8 +352,6 @@ class Predictor:
         model file (and for the images a model is fine-tuned on); this model itself where
         the bundled one cannot read its channels."""
         if self._ruler is None:
-            from .model import load_model
-
             bundled = load_model()
             same = bundled.config.in_channels == self.model_config.in_channels
             # Its own tiling (the caller's tile may not suit its depth), this device.

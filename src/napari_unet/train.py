@@ -621,6 +621,7 @@ class Trainer:
         self._checkpoint()
         return self.selected
 
+
 def at_model_size(model: UNet, pairs: Sequence[TrainingPair], device: str = "cpu"
                   ) -> tuple[list[TrainingPair], float | None]:
     """The pairs resized for ``model`` (``scale`` set), all by the median object diameter
