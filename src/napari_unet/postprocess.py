@@ -65,6 +65,11 @@ def recommended(settings: Mapping[str, Any] | None, **given: Any) -> Postprocess
     return PostprocessConfig(**{**(settings or {}), **given})
 
 
+def describe_recommended(settings: Mapping[str, float]) -> str:
+    """"foreground 0.7, seed 0.4": recommended thresholds in words."""
+    return ", ".join(f"{k.removesuffix('_threshold')} {v:g}" for k, v in settings.items())
+
+
 def check_recommended(settings: Any) -> str | None:
     """Why ``settings`` is not a valid ``ModelConfig.postprocess`` (None when it is)."""
     if not isinstance(settings, dict):

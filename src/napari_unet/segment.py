@@ -60,7 +60,6 @@ class InferenceConfig:
     tta: bool = param(False, label="flip averaging", advanced=True,
                       help="test-time augmentation: average each tile's maps over it and its "
                       "3 mirror images (4x slower; fewer splits and false objects)")
-
     rescale: bool = param(True, label="shrink large objects", advanced=True,
                           help="segment planes whose objects are wider than the model's "
                           "object size shrunk to that size (objects measured per plane by a "
@@ -288,11 +287,7 @@ class Predictor:
         left on the device with ``on_device``). With ``argmax``: the (H, W) uint8 most
         likely class (reduced on the device).
         """
-        plane = np.asarray(plane)
-        if plane.ndim == 2:
-            plane = plane[None]
-        check_channels(self.model_config.in_channels, plane.shape[0])
-        x = self.normalized(plane)
+        x = self._input(plane)
         wanted = list(range(self.model_config.n_classes)) if argmax else \
             None if channels is None else list(channels)
         scale = yield from self._measure(x)
@@ -360,18 +355,22 @@ class Predictor:
                 rescale=False)) if same else self
         return self._ruler
 
+    def _input(self, plane: np.ndarray) -> torch.Tensor:
+        """An (H, W) or (C, H, W) plane, checked and normalised on the device (C, H, W)."""
+        plane = np.asarray(plane)
+        if plane.ndim == 2:
+            plane = plane[None]
+        check_channels(self.model_config.in_channels, plane.shape[0])
+        return self.normalized(plane)
+
     def measure_diameter(self, plane: np.ndarray) -> float | None:
         """The median object diameter (pixels) the measuring pass finds in this plane."""
-        plane = np.asarray(plane)
-        return drain(self._measure_diameter(self.normalized(
-            plane[None] if plane.ndim == 2 else plane)))
+        return drain(self._measure_diameter(self._input(plane)))
 
     def measure_scale(self, plane: np.ndarray) -> float:
         """The scale :meth:`predict_iter` resizes this (H, W) or (C, H, W) plane by (1: none;
         see :mod:`rescale`)."""
-        plane = np.asarray(plane)
-        x = self.normalized(plane[None] if plane.ndim == 2 else plane)
-        return drain(self._measure(x))
+        return drain(self._measure(self._input(plane)))
 
     def predict(self, plane: np.ndarray) -> np.ndarray:
         """(K, H, W) float32 class probabilities (and any extra maps) for one plane."""

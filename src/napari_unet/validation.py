@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 
 from .evaluate import match_instances
 from .normalize import normalize
-from .postprocess import PostprocessConfig, labels_from_probs, recommended
+from .postprocess import PostprocessConfig, describe_recommended, labels_from_probs, recommended
 from .targets import BACKGROUND, FIRST_CELL, UNLABELED
 
 if TYPE_CHECKING:
@@ -258,20 +258,17 @@ class Validator:
         seed_key = "distance_threshold" if model.config.distance else "seed_threshold"
         maps = self.maps(model)
         base = self._tally(maps, current)
-        best, best_tally = {}, base
-        here = np.array([current.foreground_threshold, getattr(current, seed_key)])
-        for fg in CALIBRATION_GRID:
-            for sd in CALIBRATION_GRID:
-                point = {"foreground_threshold": fg, seed_key: sd}
-                tally = self._tally(maps, dataclasses.replace(current, **point))
-                if tally.ap < base.ap - 1e-9:
-                    continue
-                gain = tally.quality - best_tally.quality
-                nearer = np.abs(np.array([fg, sd]) - here).sum() < np.abs(
-                    np.array([best.get("foreground_threshold", here[0]),
-                              best.get(seed_key, here[1])]) - here).sum()
-                if gain > 1e-9 or (abs(gain) <= 1e-9 and nearer):
-                    best, best_tally = point, tally
+        grid = [{"foreground_threshold": fg, seed_key: sd}
+                for fg in CALIBRATION_GRID for sd in CALIBRATION_GRID]
+        scored = [({}, base)] + [(p, self._tally(maps, dataclasses.replace(current, **p)))
+                                 for p in grid]
+
+        def rank(candidate: tuple[dict[str, float], _Tally]) -> tuple[float, float]:
+            point, tally = candidate  # the highest quality, then the nearest to now
+            moved = sum(abs(v - getattr(current, k)) for k, v in point.items())
+            return round(tally.quality, 9), -moved
+
+        best, best_tally = max((c for c in scored if c[1].ap >= base.ap - 1e-9), key=rank)
         if best_tally.quality < base.quality + margin:
             best, best_tally = {}, base
         settings = {**model.config.postprocess, **best}
@@ -326,9 +323,8 @@ class Calibration:
         if not self.changed:
             return (f"post-processing thresholds kept (no setting fit the {self.n_cells} "
                     f"held-out cell(s) better by {CALIBRATION_MARGIN:g})")
-        moved = ", ".join(f"{k.replace('_threshold', '')} {v:g}"
-                          for k, v in self.settings.items())
-        return (f"post-processing calibrated on them: {moved} (matched quality "
+        return (f"post-processing calibrated on them: {describe_recommended(self.settings)} "
+                f"(matched quality "
                 f"{self.quality_before:.2f} → {self.quality_after:.2f}, AP "
                 f"{self.ap_before:.2f} → {self.ap_after:.2f})")
 

@@ -12,6 +12,7 @@ from psygnal import Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QPushButton, QWidget
 
 from ..model import ModelFileError, UNet, bundled_model_path, load_model
+from ..postprocess import describe_recommended
 from . import _ui
 
 MODEL_FILTER = "napari-unet model (*.safetensors)"
@@ -61,8 +62,7 @@ class ModelEntry:
                 text += " · not validated (fewer than 5 painted cells, or validation share 0)"
         calibrated = self.model.config.postprocess if self.model is not None else {}
         if calibrated:
-            text += " · calibrated thresholds: " + ", ".join(
-                f"{k.replace('_threshold', '')} {v:g}" for k, v in calibrated.items())
+            text += " · calibrated thresholds: " + describe_recommended(calibrated)
         return text
 
 

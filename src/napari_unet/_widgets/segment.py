@@ -34,7 +34,7 @@ from .. import io
 from ..device import select_device
 from ..model import ModelFileError, UNet
 from ..params import ConfigError
-from ..postprocess import CALIBRATED, PostprocessConfig
+from ..postprocess import CALIBRATED, PostprocessConfig, recommended
 from ..segment import (
     InferenceConfig,
     PlaneSink,
@@ -296,9 +296,8 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
             settings = entry.get().config.postprocess if entry is not None else {}
         except (ModelFileError, FileNotFoundError, OSError):
             settings = {}  # Segment will say what is wrong with the model
-        defaults = PostprocessConfig()
-        self.post_form.set(**{k: settings.get(k, getattr(defaults, k)) for k in CALIBRATED
-                              if k in self.post_form})
+        shown = recommended(settings)
+        self.post_form.set(**{k: getattr(shown, k) for k in CALIBRATED if k in self.post_form})
 
     def _update_scope(self, *_: Any, default_link: bool = False) -> None:
         image = self.image_combo.layer()
@@ -369,10 +368,12 @@ class SegmentWidget(_ui.TabbedDock, QWidget):
         try:
             config = self.inference_form.build()
             model = self.model_picker.model()
-            # The form shows the model's recommended thresholds (_show_recommended); any it
-            # has no control for (the distance threshold) come from the model itself.
-            post = self.post_form.build(**{k: v for k, v in model.config.postprocess.items()
-                                           if k not in self.post_form})
+            # The form shows the model's recommended thresholds (_show_recommended) and
+            # wins; any it has no control for (the distance threshold) come from the model.
+            try:
+                post = recommended(model.config.postprocess, **self.post_form.values())
+            except ConfigError as exc:
+                raise ConfigError(self.post_form.explain(str(exc))) from exc
             check_image(shape, axis, repr(image.name))
             select_device(config.device)
         except ConfigError as exc:
