@@ -12,6 +12,7 @@ from napari_unet.targets import FIRST_CELL
 from napari_unet.train import Trainer, TrainingPair, train_config
 from napari_unet.validation import (
     MIN_CALIBRATION_CELLS,
+    MIN_TIE_CELLS,
     ValidationScore,
     Validator,
     _objects_on,
@@ -217,6 +218,14 @@ def test_summary_names_the_pixel_iou_when_the_ap_ties():
                                              "step 50")
 
 
+def test_pixel_iou_breaks_an_ap_tie_only_on_enough_held_out_cells():
+    start, snap = ValidationScore(0, 1.0, 0.93, 0.1), ValidationScore(25, 1.0, 0.97, 0.1)
+    assert snap.beats(start, MIN_TIE_CELLS)
+    assert not snap.beats(start, MIN_TIE_CELLS - 1)  # two or three cells: keep the start
+    assert not ValidationScore(25, 1.0, 0.933, 0.1).beats(start, 10)  # within the margin
+    assert ValidationScore(25, 0.5, 0.5, 0.1).beats(ValidationScore(0, 0.4, 0.9, 0.1), 2)
+
+
 def test_deleted_objects_are_held_out_too_and_count_as_false_positives():
     from napari_unet.correct import delete_object
 
@@ -277,8 +286,7 @@ def test_training_hands_back_a_calibrated_model_and_says_so(monkeypatch):
                         lambda self, model: [_bloated_maps(c.gt) for c in self.crops])
     list(trainer.run())
     assert trainer.calibration is not None and trainer.calibration.changed
-    assert trainer.selected.config.postprocess == {"foreground_threshold": 0.7,
-                                                   "seed_threshold": 0.4}
+    assert trainer.selected.config.postprocess == {"foreground_threshold": 0.7}
     assert trainer.message.startswith("validation AP 0.50 → 0.70")
     assert "; post-processing calibrated on them: foreground 0.7" in trainer.message
     # Off, or the starting model kept: the thresholds are left alone.

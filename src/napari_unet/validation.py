@@ -42,12 +42,17 @@ MIN_VAL_CELLS = 2  # held out at the least
 MIN_TRAIN_CELLS = 3  # kept for training at the least
 RING = 6  # px of painted background around a held-out cell that go with it
 CONTEXT = 32  # px of image around held-out pixels fed to the model (its receptive field)
-# Thresholds tried when calibrating post-processing on the held-out cells, and the gain in
-# matched quality a new point needs over the model's current settings (a few cells are a
-# noisy measure: without a margin the thresholds would follow the noise).
+# Foreground thresholds tried when calibrating post-processing on the held-out cells, and
+# the gain in matched quality a new one needs over the model's current settings (a few
+# cells are a noisy measure: without a margin the thresholds would follow the noise).
 CALIBRATION_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
 CALIBRATION_MARGIN = 0.01
 MIN_CALIBRATION_CELLS = 4
+# Below this many held-out cells a tie in AP is not broken by pixel IoU: on two or three
+# cells a fine-tuned snapshot's IoU rises almost always (it learns the painted shapes) and
+# says nothing about other images (few-label benchmark, k = 5: the snapshots kept on an IoU
+# edge alone gained 0 / 0 / -0.023 / -0.029 AP on the evaluation images).
+MIN_TIE_CELLS = 4
 
 
 @dataclass
@@ -59,11 +64,13 @@ class ValidationScore:
     pixel_iou: float  # foreground IoU on the held-out pixels
     seconds: float  # time this scoring took
 
-    def beats(self, other: ValidationScore, iou_margin: float = 0.005) -> bool:
-        """Higher AP, or the same AP and a clearly higher pixel IoU."""
+    def beats(self, other: ValidationScore, n_cells: int, iou_margin: float = 0.005) -> bool:
+        """Higher AP, or the same AP and a clearly higher pixel IoU on ``n_cells`` held-out
+        cells (at least :data:`MIN_TIE_CELLS`)."""
         if self.ap > other.ap + 1e-9:
             return True
-        return abs(self.ap - other.ap) <= 1e-9 and self.pixel_iou > other.pixel_iou + iou_margin
+        return (n_cells >= MIN_TIE_CELLS and abs(self.ap - other.ap) <= 1e-9
+                and self.pixel_iou > other.pixel_iou + iou_margin)
 
 
 @dataclass
@@ -247,19 +254,20 @@ class Validator:
     def calibrate(self, model: UNet, margin: float = CALIBRATION_MARGIN) -> Calibration:
         """The post-processing thresholds that segment the held-out cells best.
 
-        A grid over the foreground and seed thresholds (the distance threshold for a model
-        with a distance output), scored by matched quality (see :class:`Calibration`):
-        finer than AP, which a handful of cells saturates, and sensitive to object size.
+        A grid over the foreground threshold, scored by matched quality (see
+        :class:`Calibration`): finer than AP, which a handful of cells saturates, and
+        sensitive to object size. The seed threshold is left alone: it decides splits and
+        merges, and held-out cells among unpainted neighbours cannot judge those (a cell
+        merged with an unpainted neighbour is dropped as not on held-out pixels; few-label
+        benchmark, dense tissue: a seed threshold of 0.7 chosen on 5 cells cost 0.04 AP).
         The model's current settings are kept unless another point beats them by
         ``margin`` without losing AP; among equals the point nearest to them wins.
         """
         t = time.perf_counter()
         current = recommended(model.config.postprocess)
-        seed_key = "distance_threshold" if model.config.distance else "seed_threshold"
         maps = self.maps(model)
         base = self._tally(maps, current)
-        grid = [{"foreground_threshold": fg, seed_key: sd}
-                for fg in CALIBRATION_GRID for sd in CALIBRATION_GRID]
+        grid = [{"foreground_threshold": fg} for fg in CALIBRATION_GRID]
         scored = [({}, base)] + [(p, self._tally(maps, dataclasses.replace(current, **p)))
                                  for p in grid]
 
