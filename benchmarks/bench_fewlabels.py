@@ -34,7 +34,8 @@ given a few steps less than a quiet one. With a constant learning rate a run obs
 provenance ``trained_on``; for the bundled model: isbi2012_em) trains on one of those and is
 evaluated on its held-out validation images; a set unseen in pretraining (gowt1_nuclei,
 nih3t3_nuclei, dsb2018_nuclei, and dsb2018_tissue: the dense-tissue images of
-dsb2018_nuclei, see ``SUBSETS``) trains on its first image and is evaluated on the others.
+dsb2018_nuclei, see ``SUBSETS``) trains on its first image with at least max(k) objects
+and is evaluated on the others.
 Evaluation is capped (``--eval-images`` images, centre crops of ``--eval-crop``) to keep the
 run time sane.
 
@@ -133,8 +134,12 @@ def _crop(s: Sample, size: int) -> Sample:
     return dataclasses.replace(s, image=s.image[sl], labels=s.labels[sl])
 
 
-def split(name: str, n_eval: int, crop: int, provenance: dict) -> dict[str, Any]:
-    """Training image and (cropped) evaluation images of one data set, held out if possible."""
+def split(name: str, n_eval: int, crop: int, provenance: dict, min_objects: int = 20
+          ) -> dict[str, Any]:
+    """Training image and (cropped) evaluation images of one data set, held out if possible.
+
+    An unseen set trains on its first image with ``min_objects`` objects (room for the
+    largest k), else its first image."""
     if name in SUBSETS:
         base, stems = SUBSETS[name]
         samples = [s for s in load_dataset(base) if s.name.startswith(stems)]
@@ -149,8 +154,10 @@ def split(name: str, n_eval: int, crop: int, provenance: dict) -> dict[str, Any]
         note = ("seen in pretraining: training image from the pretraining split, evaluation "
                 "on held-out validation images")
     else:
-        train, evals = samples[0], samples[1:]
-        note = "unseen in pretraining: first image for training, the others for evaluation"
+        train = next((s for s in samples if _n_objects(s.labels) >= min_objects), samples[0])
+        evals = [s for s in samples if s is not train]
+        note = (f"unseen in pretraining: the first image with {min_objects} objects for "
+                "training, the others for evaluation")
     if len(evals) > n_eval:
         idx = np.linspace(0, len(evals) - 1, n_eval).round().astype(int)
         evals = [evals[i] for i in idx]
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with NoiseMonitor() as noise:
         for name in datasets:
             try:
-                sp = split(name, n_eval, crop, prov)
+                sp = split(name, n_eval, crop, prov, max(ks))
             except FileNotFoundError as exc:
                 print(f"  {name}: skipped ({exc})", flush=True)
                 continue
