@@ -635,23 +635,19 @@ def at_model_size(model: UNet, pairs: Sequence[TrainingPair], device: str = "cpu
     measured in them, which is returned (None: the model does not resize)."""
     if not model.config.object_diameter:
         return list(pairs), None
-    from .segment import InferenceConfig, Predictor
-
-    predictor = Predictor(model, InferenceConfig(device=device))
+    images = [_as_chw(p.image, p.name) for p in pairs]
     fit = model.config.fit_diameter  # fine-tuning a fine-tuned model: its measure stays
     if fit is None:
-        measured = []
-        for p in pairs:
-            image = _as_chw(p.image, p.name)
+        from .segment import InferenceConfig, Predictor
+
+        predictor = Predictor(model, InferenceConfig(device=device))
+        for p, image in zip(pairs, images, strict=True):
             check_channels(model.config.in_channels, image.shape[0], p.name)
-            measured.append(predictor.measure_diameter(image))
-        known = [d for d in measured if d is not None]
+        known = [d for d in map(predictor.measure_diameter, images) if d is not None]
         fit = float(np.median(known)) if known else None
-    out = []
-    for p in pairs:
-        scale = scale_for(fit, model.config.object_diameter, _as_chw(p.image, p.name).shape)
-        out.append(dataclasses.replace(rescale_pair(p, scale), scale=scale))
-    return out, fit
+    scales = [scale_for(fit, model.config.object_diameter, image.shape) for image in images]
+    return [dataclasses.replace(rescale_pair(p, scale), scale=scale)
+            for p, scale in zip(pairs, scales, strict=True)], fit
 
 
 def train(
