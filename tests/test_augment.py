@@ -5,13 +5,14 @@ import torch
 
 from _synthetic import touching_disks
 from napari_unet.augment import AugmentConfig, augment_batch, elastic_deform, elastic_grid
-from napari_unet.targets import IGNORE_INDEX
+from napari_unet.targets import IGNORE_INDEX, OUTSIDE_CELL
 
 
 def _aligned_batch():
     _, labels = touching_disks((128, 128))
     target = torch.from_numpy(np.where(labels > 0, 1, 0)).long()[None]
     target[:, :, :10] = IGNORE_INDEX
+    target[:, :, 10:20] = OUTSIDE_CELL
     # The image encodes the class exactly, so after warping the two must still agree.
     image = (target.float() * 100.0)[:, None]
     weight = torch.ones_like(target, dtype=torch.float32)
@@ -31,7 +32,7 @@ def test_elastic_deformation_keeps_labels_aligned_with_image():
     # Bilinear image vs nearest labels differ only on a 1-pixel rim of each edge.
     agree = (torch.abs(got - expected) < 50).float().mean()
     assert agree > 0.97
-    assert set(torch.unique(t2).tolist()) <= {IGNORE_INDEX, 0, 1}
+    assert set(torch.unique(t2).tolist()) == {OUTSIDE_CELL, IGNORE_INDEX, 0, 1}
 
 
 def test_deformation_is_smooth_and_of_requested_size():
@@ -51,7 +52,7 @@ def test_augment_batch_shapes_and_label_values():
                         weight.repeat(3, 1, 1), cfg, out_size=64,
                         generator=torch.Generator().manual_seed(0))
     assert out[0].shape == (3, 1, 64, 64) and out[1].shape == (3, 64, 64)
-    assert set(torch.unique(out[1]).tolist()) <= {IGNORE_INDEX, 0, 1}
+    assert set(torch.unique(out[1]).tolist()) <= {OUTSIDE_CELL, IGNORE_INDEX, 0, 1}
     assert out[1].dtype == torch.long
 
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from _synthetic import sparse_annotation, touching_disks
 from napari_unet.losses import prior_consistency, weighted_cross_entropy
@@ -9,6 +10,7 @@ from napari_unet.targets import (
     BOUNDARY,
     IGNORE_INDEX,
     INTERIOR,
+    OUTSIDE_CELL,
     border_weights,
     instances_to_annotation,
     make_targets,
@@ -19,10 +21,41 @@ def test_conventions_unpainted_is_ignored_background_is_one():
     _, labels = touching_disks((128, 128))
     ann = sparse_annotation(labels, 3)
     target, weight = make_targets(ann)
-    assert (target[ann == 0] == IGNORE_INDEX).all()
-    assert (weight[ann == 0] == 0).all()
+    beside_a_cell = ndi.binary_dilation(ann >= 2) & (ann == 0)
+    assert beside_a_cell.any()  # the sparse annotation's cells touch unpainted neighbours
+    assert (target[(ann == 0) & ~beside_a_cell] == IGNORE_INDEX).all()
+    assert (weight[(ann == 0) & ~beside_a_cell] == 0).all()
     assert (target[ann == 1] == BG).all()
     assert set(np.unique(target[ann >= 2])) == {INTERIOR, BOUNDARY}
+
+
+def test_unpainted_pixels_next_to_a_painted_cell_are_known_not_interior():
+    ann = np.zeros((40, 60), np.int32)
+    ann[10:30, 10:30] = 2  # an unpainted neighbour may touch it anywhere
+    ann[10:30, 40:50] = 1
+    target, weight = make_targets(ann)
+    ring = ndi.binary_dilation(ann == 2) & (ann == 0)
+    assert (target[ring] == OUTSIDE_CELL).all() and ring.sum() == 4 * 20
+    assert (target[~ring & (ann == 0)] == IGNORE_INDEX).all()
+    # weighted as painted background (the border term adds nothing with one cell)
+    assert (weight[ring] == weight[15, 45]).all() and weight[15, 45] > 0
+    # painted background next to a cell stays background
+    ann[10:30, 30] = 1
+    assert (make_targets(ann)[0][10:30, 30] == BG).all()
+
+
+def test_outside_cell_loss_penalises_interior_only():
+    target = torch.full((1, 1, 3), OUTSIDE_CELL)
+    logits = torch.zeros(1, 3, 1, 3)
+    logits[0, BG, 0, 0] = logits[0, BOUNDARY, 0, 1] = logits[0, INTERIOR, 0, 2] = 8.0
+    per_pixel = [float(weighted_cross_entropy(logits[..., i:i + 1], target[..., i:i + 1],
+                                              torch.ones(1, 1, 1))) for i in range(3)]
+    # background or boundary: no loss to speak of, either way; interior: -log(2 e^-8)
+    assert per_pixel[0] == pytest.approx(per_pixel[1]) and per_pixel[0] < 1e-3
+    assert per_pixel[2] == pytest.approx(8 - np.log(2), abs=1e-3)
+    logits.requires_grad_(True)
+    weighted_cross_entropy(logits, target, torch.ones(1, 1, 3)).backward()
+    assert logits.grad[0, INTERIOR, 0, 2] > 0  # pushes interior down
 
 
 def test_complete_region_makes_unpainted_pixels_background():

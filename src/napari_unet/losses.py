@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .targets import IGNORE_INDEX
+from .targets import BG, BOUNDARY, IGNORE_INDEX, OUTSIDE_CELL
 
 
 def weighted_cross_entropy(
@@ -13,11 +13,19 @@ def weighted_cross_entropy(
 ) -> torch.Tensor:
     """Pixel-weighted cross-entropy; pixels with target ``-1`` (not annotated) add nothing.
 
+    A pixel with target :data:`~napari_unet.targets.OUTSIDE_CELL` is known only not to be
+    cell interior: its loss is ``-log(p_background + p_boundary)``.
+
     Normalised by the summed weight of annotated pixels, so the loss scale does not depend on
     how much of a patch happens to be annotated. A batch with no annotated pixel gives 0.
     """
     valid = target != IGNORE_INDEX
-    ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+    outside = target == OUTSIDE_CELL
+    if bool(outside.any()):
+        not_interior = torch.logsumexp(logits[:, [BG, BOUNDARY]], dim=1)
+        ce = torch.where(outside, torch.logsumexp(logits, dim=1) - not_interior, ce)
     w = weight * valid
     return (ce * w).sum() / w.sum().clamp_min(1e-6)
 

@@ -7,6 +7,8 @@ Annotation convention (one label image per image plane):
 * ``>= 2`` — one value per cell instance.
 
 Inside regions declared *fully annotated* (``complete``), unpainted pixels count as background.
+The unpainted pixels right next to a painted cell are not ignored: each is background or the
+rim of a touching cell, never cell interior, and is trained as such (:data:`OUTSIDE_CELL`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ UNLABELED = 0
 BACKGROUND = 1
 FIRST_CELL = 2
 IGNORE_INDEX = -1
+# Target of an unpainted pixel next to a painted cell: "background or boundary, not interior"
+# (a partial label). Without it, cells painted whole with background painted only in the
+# open make fine-tuning grow cells into their unpainted neighbours (dense tissue nuclei,
+# 20 painted cells, raw fine-tuned weights: AP 0.57 -> 0.53 without, 0.60 with).
+OUTSIDE_CELL = -2
 # Target classes, in the order of model.CLASSES.
 BG, INTERIOR, BOUNDARY = 0, 1, 2
 
@@ -125,8 +132,10 @@ def make_targets(
     """Class targets (``-1`` = ignore) and per-pixel loss weights for one 2D annotation.
 
     Classes: background, cell interior, cell boundary (the inner rim of each painted cell,
-    so touching cells are separated by two boundary pixels). Weights combine class-frequency
-    balancing (median-frequency, capped) with the border term between nearby cells.
+    so touching cells are separated by two boundary pixels), and :data:`OUTSIDE_CELL` on the
+    unpainted pixels bordering a painted cell (weighted as background). Weights combine
+    class-frequency balancing (median-frequency, capped) with the border term between nearby
+    cells.
     """
     check_annotation(annotation)
     if annotation.ndim != 2:
@@ -141,6 +150,7 @@ def make_targets(
     target[background] = BG
     target[cells > 0] = INTERIOR
     target[find_boundaries(cells, mode="inner") & (cells > 0)] = BOUNDARY
+    target[ndi.binary_dilation(cells > 0) & (target == IGNORE_INDEX)] = OUTSIDE_CELL
 
     counts = np.bincount(target[target >= 0], minlength=3).astype(np.float64)
     present = counts > 0
@@ -150,6 +160,10 @@ def make_targets(
     weight = np.zeros(annotation.shape, np.float32)
     valid = target >= 0
     weight[valid] = class_w[target[valid]]
+    outside = target == OUTSIDE_CELL
+    # Weighted as background, or as the boundary where no background is painted at all.
+    weight[outside] = class_w[BG] if present[BG] else class_w[BOUNDARY]
+    valid |= outside
     if cells.max() > 1 and w0 > 0:
         # Only between cells (background and rims): this is what teaches the model to
         # keep a gap where two cells touch.
