@@ -1011,6 +1011,9 @@ def test_train_validates_and_keeps_the_best_snapshot(viewer, notes, qtbot, base_
     w.preview_check.setChecked(False)
     start_label = w.model_picker.label()
     notes_seen: list[str] = []
+    # A user paints before training: the widget's background import of the engine is done.
+    from napari_unet._widgets import _worker
+    qtbot.waitUntil(lambda: not any(t.is_alive() for t in _worker._warm), timeout=TIMEOUT_MS)
     clicked = time.perf_counter()
     qtbot.mouseClick(w.train_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: w.validation_label.text() != "", timeout=TIMEOUT_MS)
