@@ -45,16 +45,17 @@ def test_average_hands_back_a_blend_of_start_and_fine_tuned_weights():
         TrainConfig(average=0.0)
 
 
-@pytest.mark.parametrize("prefer_blend", [True, False])
-def test_validation_keeps_the_blend_or_the_trained_weights_whichever_scores_better(
-        monkeypatch, prefer_blend):
+@pytest.mark.parametrize(("blend_ap", "trained_ap", "keeps_blend"),
+                         [(0.9, 0.6, True), (0.6, 0.9, True), (0.2, 0.9, False)])
+def test_the_weights_as_trained_compete_only_where_the_blend_does_not_beat_the_start(
+        monkeypatch, blend_ap, trained_ap, keeps_blend):
     from napari_unet.validation import ValidationScore, Validator
 
     box = {}
 
     def score(self, model, step):
         blended = model is box["trainer"].model
-        ap = 0.2 if step == 0 else (0.9 if blended == prefer_blend else 0.6)
+        ap = 0.2 if step == 0 else (blend_ap if blended else trained_ap)
         return ValidationScore(step, ap, 0.5, 0.01)
 
     monkeypatch.setattr(Validator, "score", score)
@@ -66,9 +67,12 @@ def test_validation_keeps_the_blend_or_the_trained_weights_whichever_scores_bett
     trainer = box["trainer"] = Trainer(model, [TrainingPair(image, sparse_annotation(labels, 8))],
                                        cfg)
     tuned = drain(trainer.run())
-    assert trainer.best_score.ap == 0.9 and trainer.best_blended == prefer_blend
-    expected = trainer.model if prefer_blend else trainer._trained
+    assert trainer.best_score.ap == (blend_ap if keeps_blend else trained_ap)
+    assert trainer.best_blended == keeps_blend
+    expected = trainer.model if keeps_blend else trainer._trained
     for key, value in tuned.state_dict().items():
         assert torch.equal(value, expected.state_dict()[key])
-    assert ("blended half-way" in trainer.message) == prefer_blend
-    assert trainer.history[-1].seconds == pytest.approx(0.02)  # both scorings counted
+    assert ("blended half-way" in trainer.message) == keeps_blend
+    # the weights as trained are scored (and their time counted) only when the blend ties
+    assert trainer.history[-1].seconds == pytest.approx(0.01 if blend_ap > 0.2 else 0.02)
+    assert (trainer._trained is None) == (blend_ap > 0.2)

@@ -298,7 +298,7 @@ def test_calibration_finds_the_threshold_that_fits_the_held_out_cells(monkeypatc
 def test_training_hands_back_a_calibrated_model_and_says_so(monkeypatch):
     _scripted(monkeypatch, {0: 0.5, 5: 0.4, 10: 0.7, 15: 0.6, 20: 0.65})
     pair, _ = _pair(16)
-    trainer = Trainer(_small_model(), [pair], _config(val_share=0.5))
+    trainer = Trainer(_small_model(), [pair], _config(val_share=0.5, calibrate=True))
     monkeypatch.setattr(Validator, "maps",
                         lambda self, model: [_bloated_maps(c.gt) for c in self.crops])
     list(trainer.run())
@@ -308,10 +308,10 @@ def test_training_hands_back_a_calibrated_model_and_says_so(monkeypatch):
     assert "; post-processing calibrated on them: foreground 0.7" in trainer.message
     # Off, or the starting model kept: the thresholds are left alone.
     _scripted(monkeypatch, {0: 0.5, 5: 0.4, 10: 0.7, 15: 0.6, 20: 0.65})
-    off = Trainer(_small_model(), [pair], _config(val_share=0.5, calibrate=False))
+    off = Trainer(_small_model(), [pair], _config(val_share=0.5))  # the default
     list(off.run())
     assert off.calibration is None and off.selected.config.postprocess == {}
     _scripted(monkeypatch, {0: 0.9, 5: 0.4, 10: 0.7, 15: 0.6, 20: 0.65})
-    kept = Trainer(_small_model(), [pair], _config(val_share=0.5))
+    kept = Trainer(_small_model(), [pair], _config(val_share=0.5, calibrate=True))
     list(kept.run())
     assert kept.calibration is None and kept.selected.config.postprocess == {}

@@ -476,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rgb", choices=["gray", "none"], default=None, help=_RGB_HELP)
     post = p.add_argument_group(
         "post-processing", "thresholds not given here come from the model file where it "
-        "recommends some (fine-tuning calibrates them on your held-out cells), else from "
-        "the defaults below")
+        "recommends some (fine-tuning with --calibrate tunes them on your held-out cells), "
+        "else from the defaults below")
     params.add_arguments(post, PostprocessConfig, exclude=["mode"], unset_default=True)
     p.add_argument("--semantic", action="store_true",
                    help="write classes (0 bg, 1 interior, 2 boundary) instead of instances")
