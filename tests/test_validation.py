@@ -9,6 +9,7 @@ from _synthetic import sparse_annotation, touching_disks
 from napari_unet.augment import AugmentConfig
 from napari_unet.model import ModelConfig, UNet
 from napari_unet.targets import FIRST_CELL
+from napari_unet.tiling import drain
 from napari_unet.train import Trainer, TrainingPair, train_config
 from napari_unet.validation import (
     MIN_CALIBRATION_CELLS,
@@ -111,15 +112,6 @@ def _same(model, state):
     return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def _run(trainer):
-    gen = trainer.run()
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        return stop.value
-
-
 def test_keeps_the_best_snapshot(monkeypatch):
     seen = _scripted(monkeypatch, {0: 0.5, 5: 0.4, 10: 0.7, 15: 0.6, 20: 0.65})
     pair, _ = _pair(12)
@@ -144,14 +136,14 @@ def test_a_later_snapshot_wins_a_tie_but_never_against_the_start(monkeypatch):
     seen = _scripted(monkeypatch, {0: 0.5, 5: 0.7, 10: 0.6, 15: 0.7, 20: 0.65})
     pair, _ = _pair(12)
     trainer = Trainer(_small_model(), [pair], _config())
-    model = _run(trainer)
+    model = drain(trainer.run())
     assert trainer.best_score.step == 15 and _same(model, seen[15])
     assert trainer.message.endswith("keeping step 15")
     _scripted(monkeypatch, {0: 0.7, 5: 0.7, 10: 0.6, 15: 0.7, 20: 0.65})
     start = _small_model()
     state = {k: v.clone() for k, v in start.state_dict().items()}
     trainer = Trainer(start, [pair], _config())
-    assert _same(_run(trainer), state) and trainer.best_score.step == 0
+    assert _same(drain(trainer.run()), state) and trainer.best_score.step == 0
 
 
 def test_returns_the_starting_model_when_nothing_beats_it(monkeypatch, tmp_path):
@@ -161,7 +153,7 @@ def test_returns_the_starting_model_when_nothing_beats_it(monkeypatch, tmp_path)
     state = {k: v.clone() for k, v in start.state_dict().items()}
     ckpt = tmp_path / "ckpt.safetensors"
     trainer = Trainer(start, [pair], _config(checkpoint_path=str(ckpt), checkpoint_every=5))
-    model = _run(trainer)
+    model = drain(trainer.run())
     assert _same(model, state)
     assert trainer.message == ("validation AP 0.60 → 0.55 at best (step 15) on 3 held-out "
                                "cell(s): fine-tuning did not beat the starting model; keeping "
